@@ -1,0 +1,383 @@
+"""Typed configuration: one frozen dataclass per concern, resolved in one place.
+
+The YAML files under `config/` (the Snakemake config) are the user's entry; this module turns
+them into frozen dataclasses. A run of an experiment is the base recipe plus dotted overrides
+(`{"model.architecture": "single_tower"}`), resolved by `resolve_run`.
+
+Validation happens twice on purpose: the JSON schema (workflow/schemas/config.schema.yaml) stops
+Snakemake before any job with a message naming the key; `from_dict` repeats the value checks so
+that every `python -m` entry point used on its own fails just as clearly.
+
+References: torchtitan's config manager (typed, resolved once); DiT's model registry.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+# The registry of block variants: drives the schema enum, Snakemake wildcard constraints and
+# CLI choices alike. `x_fuse` is dual_tower with the X-Fuse mixing of Section 5.
+ARCHITECTURES = ("single_tower", "gated_tower", "dual_projection", "dual_tower", "x_fuse")
+FROZEN_TEXT_ARCHITECTURES = ("gated_tower", "dual_projection", "dual_tower", "x_fuse")
+CAPTION_BACKENDS = ("scene", "hf")
+IMAGE_CODECS = ("pixel_shuffle", "autoencoder_kl")
+TIMESTEP_SAMPLINGS = ("logit_normal", "uniform")
+ITM_BACKENDS = ("transformers", "lavis")
+BAD_INPUT_POLICIES = ("skip", "stop")
+
+
+class ConfigError(ValueError):
+    """A config value is missing or invalid; the message names the dotted key."""
+
+
+@dataclass(frozen=True)
+class TinyLlamaConfig:
+    """Shape of the tiny Llama the pipeline pretrains itself (tiny scale only)."""
+
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 344
+    max_position_embeddings: int = 512
+    rope_theta: float = 10000.0
+
+
+@dataclass(frozen=True)
+class BaseLMConfig:
+    """The frozen text tower. `source: tiny` pretrains `tiny` on the world corpus;
+    `source: pretrained` loads `path` (a local directory or a hub id) with from_pretrained."""
+
+    name: str = "tiny_base"  # names the base_lm output dir; several sizes = several names
+    source: str = "tiny"
+    path: str | None = None
+    tiny: TinyLlamaConfig = field(default_factory=TinyLlamaConfig)
+    pretrain_steps: int = 1500
+    pretrain_batch_size: int = 32
+    pretrain_lr: float = 3e-3
+    pretrain_seq_len: int = 128
+
+
+@dataclass(frozen=True)
+class ImageCodecConfig:
+    """Pixels <-> latents. `autoencoder_kl` is diffusers' AutoencoderKL (SD-1.5 VAE at paper
+    scale); `pixel_shuffle` is an exact, parameter-free space-to-depth codec used at tiny scale,
+    where a pretrained VAE cannot be had offline and an untrained one would only add noise."""
+
+    kind: str = "pixel_shuffle"
+    path: str | None = None
+    subfolder: str | None = None
+    downsample: int = 4
+    latent_channels: int = 48
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+
+
+@dataclass(frozen=True)
+class RepaConfig:
+    """Supplementary A: align vision hidden states at `layer` with a frozen encoder's features."""
+
+    enabled: bool = False
+    layer: int = 8
+    weight: float = 0.5
+    encoder: str = "judge_clip"  # tiny: the pipeline's CLIP judge; paper: a CLIP path/hub id
+    encoder_path: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str = "dual_tower"
+    patch_size: int = 2
+    gate_text: bool = False  # gated_tower: also gate text positions (breaks text invariance)
+    shallow: bool = False  # dual_projection: modality-specific MLP only (LlamaFusion's shallow)
+    base_lm: BaseLMConfig = field(default_factory=BaseLMConfig)
+    codec: ImageCodecConfig = field(default_factory=ImageCodecConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
+
+
+@dataclass(frozen=True)
+class CaptionerConfig:
+    backend: str = "scene"
+    model: str | None = None  # hf backend: local path or hub id
+    prompt: str = "Describe this image in detail."
+    batch_size: int = 16
+    max_new_tokens: int = 96
+    shard_size: int = 256
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """`source: world` generates the tiny world; `source: folder` reads images + captions."""
+
+    source: str = "world"
+    image_dir: str | None = None  # folder source: images, and an optional captions.jsonl
+    image_size: int = 32
+    n_train: int = 2000
+    n_heldout: int = 256
+    max_shapes: int = 3
+    n_corpus_facts: int = 4000
+    mmlu_subjects: tuple[str, ...] = ("geography", "colours", "shapes", "arithmetic")
+    mmlu_dev_per_subject: int = 5
+    mmlu_test_per_subject: int = 40
+    max_caption_tokens: int = 64
+    bad_input_policy: str = "skip"
+    captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
+    tokenizer_vocab_size: int = 2048
+    tokenizer_path: str | None = None  # paper scale: the base LLM's tokenizer
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    steps: int = 400
+    tokens_per_batch: int = 2048
+    lr: float = 1e-3
+    warmup_steps: int = 40
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    lambda_ar: float = 0.2
+    lambda_dm: float = 1.0
+    t2i_ratio: float = 0.66  # share of T2I samples; I2T = 1 - t2i_ratio
+    i2t_noise_max: float = 0.0  # I2T images noised with t <= this (0 = clean)
+    caption_dropout: float = 0.1
+    lr_text_ratio: float = 1.0  # single_tower: lr of text-modality params / image lr
+    timestep_sampling: str = "logit_normal"
+    checkpoint_every: int = 100
+    keep_last: int = 2
+    eval_steps: tuple[int, ...] = (400,)
+    log_every: int = 10
+    seed: int = 0
+    precision: str = "fp32"  # bf16 on GPU
+    zero_stage: int = 2
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    cfg_scale: float = 5.5
+    sample_steps: int = 25
+    n_samples: int = 256  # generations for FID/CLIP, captions for BLIP
+    sample_batch_size: int = 32
+    caption_max_tokens: int = 48
+    top_p: float | None = None  # None = greedy decoding
+    fid_extractor: str = "judge_clip"  # or "inception-v3-compat"
+    fid_weights: str | None = None
+    clip_model: str = "judge_clip"  # or a local path / hub id
+    itm_backend: str = "transformers"
+    itm_model: str = "judge_itm"  # or a local path / hub id of a BLIP-2 ITM checkpoint
+    mmlu_path: str | None = None  # None = the world's tiny MMLU
+    mmlu_shots: int = 5
+    probe_layers: tuple[int, ...] = (1, 2, 3, 4)
+    probe_t_generation: float = 0.02  # t = 20 / 1000
+    probe_lr: float = 6.4e-3
+    probe_epochs: int = 30
+    probe_batch_size: int = 256
+    judge_steps: int = 600
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one trained variant needs: the base recipe with a run's overrides applied."""
+
+    name: str
+    scale: str
+    results_dir: str
+    seed: int
+    model: ModelConfig
+    data: DataConfig
+    training: TrainingConfig
+    evaluation: EvaluationConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A table or figure: named runs, each a set of dotted overrides of the base recipe."""
+
+    name: str
+    kind: str  # table | figure
+    runs: dict[str, dict[str, Any]]
+    caption: str = ""
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "training": TrainingConfig,
+    "evaluation": EvaluationConfig,
+}
+
+
+def _build(cls: type, values: Mapping[str, Any] | None, prefix: str) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys by their dotted name."""
+    values = dict(values or {})
+    kwargs: dict[str, Any] = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in fields:
+            raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(fields))})")
+    for name, f in fields.items():
+        if name not in values:
+            continue
+        value = values[name]
+        nested = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if nested is not None and dataclasses.is_dataclass(nested):
+            kwargs[name] = _build(nested, value, f"{prefix}{name}.")
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _check(cond: bool, key: str, value: Any, why: str) -> None:
+    if not cond:
+        raise ConfigError(f"config.{key} = {value!r}: {why}")
+
+
+def validate(run: RunConfig) -> RunConfig:
+    """Value checks shared by every entry point; messages name the dotted key."""
+    m, d, t, e = run.model, run.data, run.training, run.evaluation
+    _check(m.architecture in ARCHITECTURES, "model.architecture", m.architecture,
+           f"must be one of {', '.join(ARCHITECTURES)}")
+    _check(m.base_lm.source in ("tiny", "pretrained"), "model.base_lm.source", m.base_lm.source,
+           "must be 'tiny' or 'pretrained'")
+    _check(m.base_lm.source == "tiny" or bool(m.base_lm.path), "model.base_lm.path",
+           m.base_lm.path, "a pretrained base LLM needs a local path or hub id")
+    _check(m.codec.kind in IMAGE_CODECS, "model.codec.kind", m.codec.kind,
+           f"must be one of {', '.join(IMAGE_CODECS)}")
+    _check(m.patch_size >= 1, "model.patch_size", m.patch_size, "must be >= 1")
+    _check(m.repa.layer >= 1, "model.repa.layer", m.repa.layer, "must be >= 1")
+    _check(d.source in ("world", "folder"), "data.source", d.source, "must be 'world' or 'folder'")
+    _check(d.captioner.backend in CAPTION_BACKENDS, "data.captioner.backend",
+           d.captioner.backend, f"must be one of {', '.join(CAPTION_BACKENDS)}")
+    _check(d.bad_input_policy in BAD_INPUT_POLICIES, "data.bad_input_policy",
+           d.bad_input_policy, f"must be one of {', '.join(BAD_INPUT_POLICIES)}")
+    _check(d.image_size > 0 and d.image_size % (m.codec.downsample * m.patch_size) == 0,
+           "data.image_size", d.image_size,
+           "must be a positive multiple of model.codec.downsample * model.patch_size")
+    for key in ("n_train", "n_heldout"):
+        _check(getattr(d, key) > 0, f"data.{key}", getattr(d, key), "must be > 0")
+    _check(t.steps > 0, "training.steps", t.steps, "must be > 0")
+    _check(t.tokens_per_batch > 0, "training.tokens_per_batch", t.tokens_per_batch, "must be > 0")
+    _check(t.lr > 0, "training.lr", t.lr, "must be > 0")
+    _check(t.warmup_steps >= 0, "training.warmup_steps", t.warmup_steps, "must be >= 0")
+    _check(0.0 <= t.t2i_ratio <= 1.0, "training.t2i_ratio", t.t2i_ratio, "must be in [0, 1]")
+    _check(0.0 <= t.i2t_noise_max <= 1.0, "training.i2t_noise_max", t.i2t_noise_max,
+           "must be in [0, 1]")
+    _check(0.0 <= t.caption_dropout < 1.0, "training.caption_dropout", t.caption_dropout,
+           "must be in [0, 1)")
+    _check(t.lr_text_ratio >= 0, "training.lr_text_ratio", t.lr_text_ratio, "must be >= 0")
+    _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "training.betas", t.betas,
+           "must be two numbers in [0, 1)")
+    _check(t.timestep_sampling in TIMESTEP_SAMPLINGS, "training.timestep_sampling",
+           t.timestep_sampling, f"must be one of {', '.join(TIMESTEP_SAMPLINGS)}")
+    _check(t.checkpoint_every > 0, "training.checkpoint_every", t.checkpoint_every, "must be > 0")
+    _check(t.keep_last >= 1, "training.keep_last", t.keep_last, "must be >= 1")
+    _check(len(t.eval_steps) > 0 and all(0 < s <= t.steps for s in t.eval_steps),
+           "training.eval_steps", t.eval_steps, f"must be non-empty, each in [1, {t.steps}]")
+    _check(t.precision in ("fp32", "bf16"), "training.precision", t.precision,
+           "must be 'fp32' or 'bf16'")
+    _check(t.zero_stage in (0, 1, 2), "training.zero_stage", t.zero_stage, "must be 0, 1 or 2")
+    _check(e.itm_backend in ITM_BACKENDS, "evaluation.itm_backend", e.itm_backend,
+           f"must be one of {', '.join(ITM_BACKENDS)}")
+    _check(e.sample_steps > 0, "evaluation.sample_steps", e.sample_steps, "must be > 0")
+    _check(e.n_samples > 0, "evaluation.n_samples", e.n_samples, "must be > 0")
+    _check(e.top_p is None or 0 < e.top_p <= 1, "evaluation.top_p", e.top_p,
+           "must be null (greedy) or in (0, 1]")
+    return run
+
+
+def apply_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a deep copy of `base` with dotted keys (`training.t2i_ratio`) set."""
+    out = copy.deepcopy(dict(base))
+    for dotted, value in overrides.items():
+        node = out
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part, {}), dict):
+                raise ConfigError(f"{dotted}: {part} is not a section")
+            node = node.setdefault(part, {})
+        node[parts[-1]] = copy.deepcopy(value)
+    return out
+
+
+def run_from_dict(raw: Mapping[str, Any], name: str = "base") -> RunConfig:
+    """A RunConfig from a full config mapping (sections + scale, results_dir, seed)."""
+    for key in ("scale", "results_dir"):
+        if key not in raw:
+            raise ConfigError(f"config.{key}: missing required key")
+    sections = {k: _build(cls, raw.get(k), f"config.{k}.") for k, cls in SECTIONS.items()}
+    run = RunConfig(name=name, scale=str(raw["scale"]), results_dir=str(raw["results_dir"]),
+                    seed=int(raw.get("seed", 0)), **sections)
+    return validate(run)
+
+
+def experiments_from_dict(raw: Mapping[str, Any]) -> dict[str, Experiment]:
+    exps = {}
+    for name, spec in (raw.get("experiments") or {}).items():
+        # A figure may train nothing (Supp. Fig. E compares captions with the judges only).
+        runs = spec.get("runs") or {}
+        exps[name] = Experiment(name=name, kind=spec.get("kind", "figure"), runs=dict(runs),
+                                caption=spec.get("caption", ""))
+    return exps
+
+
+def all_runs(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every distinct run across experiments (a run shared by several figures appears once).
+
+    The same run name must mean the same overrides everywhere, else the config is ambiguous."""
+    runs: dict[str, dict[str, Any]] = {}
+    for exp in experiments_from_dict(raw).values():
+        for run_name, overrides in exp.runs.items():
+            overrides = dict(overrides or {})
+            if run_name in runs and runs[run_name] != overrides:
+                raise ConfigError(f"config.experiments.{exp.name}.runs.{run_name}: "
+                                  "defined elsewhere with different overrides")
+            runs[run_name] = overrides
+    return runs
+
+
+def resolve_run(raw: Mapping[str, Any], run_name: str) -> RunConfig:
+    """The base recipe with the overrides of `run_name` (from config.experiments) applied."""
+    runs = all_runs(raw)
+    if run_name not in runs:
+        raise ConfigError(f"run {run_name!r} is not declared in config.experiments "
+                          f"(known: {', '.join(sorted(runs))})")
+    try:
+        return run_from_dict(apply_overrides(raw, runs[run_name]), name=run_name)
+    except ConfigError as err:
+        raise ConfigError(f"run {run_name}: {err}") from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    with open(path) as fh:
+        data = yaml.safe_load(fh)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_run(config_path: str | Path, run_name: str | None = None) -> RunConfig:
+    """Entry points call this: `--config config/tiny.yaml --run dual_tower`."""
+    raw = load_yaml(config_path)
+    return resolve_run(raw, run_name) if run_name else run_from_dict(raw)
+
+
+def run_from_json(text: str) -> RunConfig:
+    """Inverse of RunConfig.to_json (used to reload a checkpoint's config)."""
+    raw = json.loads(text)
+    name = raw.pop("name")
+    return run_from_dict(raw, name=name)
