@@ -1,0 +1,60 @@
+# The two commands a new user needs (see README): `make demo` and `make test`.
+# Both set up .venv themselves (pip from pyproject.toml, the one place versions are pinned).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CORES ?= 2
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+# DeepSpeed on a machine without a GPU: CPU accelerator + gloo (see xfusion/engine.py).
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: setup demo test test-fast bench mlflow-ui report lavis-env dry-run-slurm clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## Tiny scale end to end on this CPU: every table (results/*.csv) and figure (results/figures/).
+demo: setup
+	time $(VENV)/bin/snakemake --profile local --cores $(CORES) all
+	@echo "Tables:  $$(ls results/*.csv | tr '\n' ' ')"
+	@echo "Figures: results/figures/   MLflow: make mlflow-ui   Report: make report"
+
+## The test suite (what CI runs).
+test: setup
+	$(PY) -m pytest
+
+## Everything but the end-to-end pipeline tests (marked slow).
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+## Measured speed ratios, one per line; also written to benchmarks/RESULTS.md.
+bench: setup
+	$(PY) -m benchmarks.run
+
+## Browse the runs: http://127.0.0.1:5000 (loopback only).
+mlflow-ui: setup
+	$(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///results/mlruns.db} --host 127.0.0.1 --port 5000
+
+## One HTML file with every table and figure, captioned.
+report: setup
+	$(VENV)/bin/snakemake --profile local --cores $(CORES) all --report results/report.html
+
+## Plan the paper-scale DAG as SLURM would run it (no SLURM needed for a dry run).
+dry-run-slurm: setup
+	$(VENV)/bin/snakemake --profile slurm -n results/table1.csv
+
+## Optional BLIP-2 ITM backend from LAVIS in its own venv (LAVIS pins transformers < 4.27).
+lavis-env:
+	$(PYTHON) -m venv .venv-lavis
+	.venv-lavis/bin/python -m pip install --quiet --upgrade pip
+	.venv-lavis/bin/python -m pip install --quiet torch==2.14.1 salesforce-lavis==1.0.2 "numpy<2" "pandas<2.3"
+
+clean:
+	rm -rf results/tiny results/*.csv results/figures results/report.html .snakemake

@@ -1,0 +1,122 @@
+"""The typed config: paper recipe matches the published numbers; overrides and errors behave."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from xfusion.config import (
+    ARCHITECTURES,
+    ConfigError,
+    all_runs,
+    apply_overrides,
+    load_yaml,
+    resolve_run,
+    run_from_dict,
+    run_from_json,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = load_yaml(ROOT / "config" / "paper.yaml")
+TINY = load_yaml(ROOT / "config" / "tiny.yaml")
+REFERENCE = yaml.safe_load((ROOT / "reference" / "paper_results.yaml").read_text())["xfusion"]
+HYPER = REFERENCE["hyperparameters"]
+
+
+def test_reference_copy_equals_shared_reference():
+    shared = ROOT.parent / "shared" / "reference" / "paper_results.yaml"
+    if not shared.exists():
+        pytest.skip("shared/ not beside this checkout")
+    assert shared.read_text() == (ROOT / "reference" / "paper_results.yaml").read_text()
+
+
+def test_paper_recipe_matches_published_hyperparameters_field_by_field():
+    run = run_from_dict(PAPER)
+    t, m, e, d = run.training, run.model, run.evaluation, run.data
+    assert t.lambda_ar == HYPER["lambda_ar"]
+    assert t.lambda_dm == HYPER["lambda_dm"]
+    assert list(t.betas) == HYPER["betas"]
+    assert t.lr == HYPER["lr_max"]
+    assert t.warmup_steps > 0  # "linear warm-up"
+    assert t.tokens_per_batch == HYPER["tokens_per_batch"]
+    assert t.steps == HYPER["steps"]
+    assert d.image_size == HYPER["image_resolution"]
+    assert m.patch_size == HYPER["patch_size"]
+    assert e.cfg_scale == HYPER["cfg_scale"]
+    assert t.i2t_noise_max == HYPER["recommended_i2t_noise_limit"]
+    assert HYPER["recommended_t2i_i2t_ratio"].startswith("66/33") and t.t2i_ratio == 0.66
+    assert m.repa.layer == HYPER["alignment_layer"]
+    assert t.zero_stage == 2 and "stage 2" in HYPER["distributed"].lower()
+    assert m.codec.kind == "autoencoder_kl" and m.codec.downsample == 8
+    assert m.codec.latent_channels == 4 and m.codec.scaling_factor == 0.18215  # SD-1.5 VAE
+    assert m.base_lm.path == "meta-llama/Llama-3.2-1B"
+    assert t.timestep_sampling == "logit_normal"  # SD3 scheduler
+    assert e.n_samples == 30000  # 30K COCO prompts
+    assert e.mmlu_shots == 5
+    probe = HYPER["linear_probe"]
+    assert e.probe_lr == probe["lr"] and e.probe_batch_size == probe["batch_size"]
+    assert e.probe_t_generation * 1000 == pytest.approx(probe["generation_mode_t"])
+    # Supplementary A uses lambda_AR = 0.5 for the alignment ablation.
+    alignment = resolve_run(PAPER, "size_s_align_on")
+    assert alignment.training.lambda_ar == HYPER["lambda_ar_alignment_ablation"]
+    assert alignment.model.repa.enabled
+    # The 8B final model trains 200k steps.
+    assert resolve_run(PAPER, "xfusion_8b").training.steps == 200000
+
+
+def test_every_declared_run_resolves_at_both_scales():
+    for raw in (TINY, PAPER):
+        runs = all_runs(raw)
+        assert {"single_tower", "gated_tower", "dual_projection", "dual_tower", "x_fuse"} <= set(runs)
+        for name in runs:
+            assert resolve_run(raw, name).name == name
+
+
+def test_table1_runs_cover_the_four_architectures():
+    table1 = TINY["experiments"]["table1"]["runs"]
+    archs = {resolve_run(TINY, name).model.architecture for name in table1}
+    assert archs == {"single_tower", "gated_tower", "dual_projection", "dual_tower"}
+    assert set(ARCHITECTURES) == archs | {"x_fuse"}
+
+
+def test_overrides_apply_dotted_keys_without_touching_the_base():
+    out = apply_overrides(TINY, {"training.t2i_ratio": 0.5, "model.repa.enabled": True})
+    assert out["training"]["t2i_ratio"] == 0.5 and out["model"]["repa"]["enabled"] is True
+    assert TINY["training"]["t2i_ratio"] == 0.66
+
+
+def test_run_config_json_round_trip():
+    run = resolve_run(TINY, "noise_50")
+    assert run_from_json(run.to_json()) == run
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ({"model.architecture": "triple_tower"}, "model.architecture"),
+        ({"training.t2i_ratio": 1.4}, "training.t2i_ratio"),
+        ({"training.i2t_noise_max": -0.1}, "training.i2t_noise_max"),
+        ({"training.steps": -5}, "training.steps"),
+        ({"training.eval_steps": [999999]}, "training.eval_steps"),
+        ({"training.betas": [0.9]}, "training.betas"),
+        ({"data.image_size": 30}, "data.image_size"),
+        ({"training.learning_rate": 1e-3}, "learning_rate"),
+    ],
+)
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        run_from_dict(apply_overrides(TINY, override))
+
+
+def test_missing_required_key_is_named():
+    raw = dict(TINY)
+    raw.pop("results_dir")
+    with pytest.raises(ConfigError, match="results_dir"):
+        run_from_dict(raw)
+
+
+def test_a_run_name_with_two_meanings_is_refused():
+    raw = apply_overrides(TINY, {})
+    raw["experiments"]["figure8"]["runs"]["dual_tower"] = {"model.architecture": "gated_tower"}
+    with pytest.raises(ConfigError, match="dual_tower"):
+        all_runs(raw)
