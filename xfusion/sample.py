@@ -1,0 +1,242 @@
+"""Sampling from a trained X-Fusion model: text-to-image and image-to-text.
+
+T2I: flow-matching Euler steps with diffusers' FlowMatchEulerDiscreteScheduler (sigma = t), and
+classifier-free guidance with the conditional and the unconditional (dropped-caption) branch in
+one batch. The prompt's keys/values are computed once per layer and tower (towers.KVCache) and
+reused at every step, where only the image tokens run: the prompt never attends to the image.
+I2T: the clean image (t = 0) is encoded once, then the caption is decoded token by token from a
+KV cache, greedy or nucleus (`evaluation.top_p`).
+
+    python -m xfusion.sample --model R/runs/RUN/steps/STEP --mode t2i \
+        --prompts R/captions/heldout.jsonl --out R/samples/RUN/STEP/t2i
+    python -m xfusion.sample --model R/runs/RUN/steps/STEP --mode i2t \
+        --latents R/latents/heldout.safetensors --captions R/captions/heldout.jsonl \
+        --out R/samples/RUN/STEP/i2t.jsonl
+
+References: X-Fusion Sec. 4-5 (CFG scale 5.5, 50 steps at paper scale); Ho & Salimans 2022
+(classifier-free guidance); Holtzman et al. 2020 (nucleus sampling); DiT sample.py (layout);
+diffusers FlowMatchEulerDiscreteScheduler (set_timesteps, step).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from PIL import Image
+from tqdm import tqdm
+
+from xfusion.config import EvaluationConfig, load_run
+from xfusion.io import atomic_path, atomic_write_jsonl, read_jsonl
+from xfusion.model.sequence import caption_tokens, prompt_tokens
+from xfusion.model.towers import KVCache
+from xfusion.model.xfusion import XFusionModel
+
+
+def latent_shape(model: XFusionModel) -> tuple[int, int, int]:
+    c = model.cfg.model.codec
+    side = model.cfg.data.image_size // c.downsample
+    return c.latent_channels, side, side
+
+
+def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ids -> (B, L) ids and validity, padded on the left so every row's next token sits
+    in the same column (RoPE positions skip the padding: mask.position_ids)."""
+    L = max(map(len, rows))
+    ids = torch.full((len(rows), L), pad, dtype=torch.long)
+    valid = torch.zeros(len(rows), L, dtype=torch.bool)
+    for b, row in enumerate(rows):
+        ids[b, L - len(row):] = torch.tensor(row)
+        valid[b, L - len(row):] = True
+    return ids.to(device), valid.to(device)
+
+
+@torch.no_grad()
+def generate_images(model: XFusionModel, prompt_ids: list[list[int]], steps: int, cfg_scale: float,
+                    generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                    shift: float | None = None, kv_cache: bool = True) -> torch.Tensor:
+    """Latents (B, C, h, w) for B prompts. Initial noise: `noise`, else drawn (on the CPU) from
+    `generator`; `shift`: the scheduler's (default `evaluation.sample_shift`). `kv_cache=False`
+    recomputes the prompt at every step (the reference the cache is tested against)."""
+    device, ids = model.device, model.ids
+    C, h, w = latent_shape(model)
+    guided = cfg_scale != 1.0
+    rows = [prompt_tokens("t2i", p, ids)[0] for p in prompt_ids]  # [bos] caption [BOI]
+    if guided:  # the unconditional branch: the dropped caption of training
+        rows += [prompt_tokens("t2i", p, ids, drop_caption=True)[0] for p in prompt_ids]
+    prefix, prefix_valid = left_pad(rows, ids.pad, device)
+    text = torch.zeros_like(prefix, dtype=torch.bool)
+    prefix_embeds = model.embed(prefix, image_mask=text)  # BOI takes its learned embedding
+    n, P = prefix.shape[0], (h // model.cfg.model.patch_size) * (w // model.cfg.model.patch_size)
+    image = torch.ones(n, P, dtype=torch.bool, device=device)  # image mask = validity = span 1
+    cache = None
+    if kv_cache:  # the prompt's keys/values, once
+        cache = KVCache()
+        model.forward_chunk(prefix_embeds, text, text.long(), prefix_valid, cache)
+        cache.frozen = True
+    x = noise if noise is not None else torch.randn((len(prompt_ids), C, h, w), generator=generator)
+    x = x.to(device=device, dtype=torch.float32)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=model.cfg.evaluation.sample_shift if shift is None else shift)
+    scheduler.set_timesteps(steps, device=device)
+    for i, timestep in enumerate(scheduler.timesteps):
+        t = scheduler.sigmas[i].expand(n)  # sigma = our t
+        tokens = model.image_io.encode(torch.cat([x, x]) if guided else x, t)  # (n, P, D)
+        if cache is not None:
+            h_image, _ = model.forward_chunk(tokens, image, image.long(), image, cache)
+        else:
+            hidden, _ = model.forward_chunk(torch.cat([prefix_embeds, tokens], 1),
+                                            torch.cat([text, image], 1),
+                                            torch.cat([text, image], 1).long(),
+                                            torch.cat([prefix_valid, image], 1))
+            h_image = hidden[:, -P:]
+        v = model.velocity(h_image, (h, w)).float()  # (n, C, h, w)
+        if guided:
+            v_cond, v_uncond = v.chunk(2)
+            v = v_uncond + cfg_scale * (v_cond - v_uncond)
+        x = scheduler.step(v, timestep, x).prev_sample
+    return x
+
+
+def choose_token(logits: torch.Tensor, top_p: float | None, generator=None) -> torch.Tensor:
+    """(B, V) -> (B,): argmax, or a draw from the smallest set of tokens with mass >= top_p."""
+    if top_p is None:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float(), -1).cpu()
+    sorted_p, order = probs.sort(-1, descending=True)
+    keep = (sorted_p.cumsum(-1) - sorted_p) < top_p  # the top token is always kept
+    sorted_p = sorted_p * keep
+    pick = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=generator)
+    return order.gather(-1, pick).squeeze(-1).to(logits.device)
+
+
+@torch.no_grad()
+def generate_captions(model: XFusionModel, latents: torch.Tensor, max_new_tokens: int,
+                      top_p: float | None = None, generator: torch.Generator | None = None,
+                      kv_cache: bool = True) -> list[list[int]]:
+    """Caption token ids (eos excluded) of B clean latents (B, C, h, w)."""
+    device, ids = model.device, model.ids
+    latents = latents.to(device=device, dtype=torch.float32)
+    B = latents.shape[0]
+    P = model.image_io.encode(latents[:1], torch.zeros(1, device=device)).shape[1]
+    before, after = prompt_tokens("i2t", [], ids)  # [bos] [BOI] | [EOI] [eos]
+    row = before + [ids.pad] * P + after[:1]  # [bos] [BOI] IMG*P [EOI]
+    seq_ids = torch.tensor([row] * B, device=device)
+    image = torch.zeros_like(seq_ids, dtype=torch.bool)
+    image[:, len(before):len(before) + P] = True
+    tokens = model.image_io.encode(latents, torch.zeros(B, device=device))  # clean: t = 0
+    embeds = model.embed(seq_ids, image, tokens)
+    valid = torch.ones_like(image)
+    cache = KVCache() if kv_cache else None
+    hidden, _ = model.forward_chunk(embeds, image, image.long(), valid, cache)
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool)
+    one_text = torch.zeros(B, 1, dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        nxt = choose_token(model.text_head(hidden[:, -1]), top_p, generator)  # (B,)
+        for b, token in enumerate(nxt.tolist()):
+            if not done[b]:
+                done[b] = token == ids.eos
+                if not done[b]:
+                    out[b].append(token)
+        if done.all():
+            break
+        new = model.embed(nxt[:, None])  # (B, 1, D)
+        if cache is not None:
+            hidden, _ = model.forward_chunk(new, one_text, one_text.long(), ~one_text, cache)
+        else:  # the reference: the whole sequence again
+            embeds, image = torch.cat([embeds, new], 1), torch.cat([image, one_text], 1)
+            valid = torch.ones_like(image)
+            hidden, _ = model.forward_chunk(embeds, image, image.long(), valid)
+    return out
+
+
+# -- files ---------------------------------------------------------------------------------------
+def save_png(pixels: torch.Tensor, path: Path) -> None:
+    """(3, H, W) in [-1, 1] -> an RGB PNG, written atomically."""
+    array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+
+
+def encode_caption(model: XFusionModel, text: str) -> list[int]:
+    """Caption ids as in training: no bos, at most `data.max_caption_tokens`."""
+    ids = caption_tokens(model.tokenizer(text).input_ids, model.ids)
+    return ids[:model.cfg.data.max_caption_tokens]
+
+
+def sample_t2i(model: XFusionModel, ev: EvaluationConfig, prompts: Path, out_dir: Path,
+               seed: int) -> None:
+    """`<index>.png` + index.jsonl for the first `n_samples` prompts; existing PNGs are kept.
+    Sample i starts from noise seeded by (seed, i), so a resumed run gives the same images."""
+    from xfusion.codec import build_codec
+
+    entries = [{"index": i, "id": r["id"], "prompt": r["caption"], "file": f"{i}.png"}
+               for i, r in enumerate(read_jsonl(prompts)[:ev.n_samples])]
+    todo = [e for e in entries if not (out_dir / e["file"]).exists()]
+    codec = build_codec(model.cfg.model.codec).to(model.device)
+    shape = latent_shape(model)
+    for start in tqdm(range(0, len(todo), ev.sample_batch_size), desc="t2i", unit="batch"):
+        batch = todo[start:start + ev.sample_batch_size]
+        prompt_ids = [encode_caption(model, e["prompt"]) for e in batch]
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
+            seed * 1_000_003 + e["index"])) for e in batch])
+        latents = generate_images(model, prompt_ids, ev.sample_steps, ev.cfg_scale, noise=noise,
+                                  shift=ev.sample_shift)
+        with torch.no_grad():
+            pixels = codec.decode(latents)
+        for e, px in zip(batch, pixels):
+            save_png(px, out_dir / e["file"])
+    atomic_write_jsonl(out_dir / "index.jsonl", entries)
+
+
+def sample_i2t(model: XFusionModel, ev: EvaluationConfig, latents_path: Path, captions: Path,
+               out: Path, seed: int) -> None:
+    """One JSON line {"id", "image", "reference", "caption"} per image (first `n_samples`)."""
+    from xfusion.latents import load_latents
+
+    latents, ids = load_latents(latents_path)
+    refs = {r["id"]: r for r in read_jsonl(captions)}
+    n = min(ev.n_samples, len(ids))
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for start in tqdm(range(0, n, ev.sample_batch_size), desc="i2t", unit="batch"):
+        stop = min(start + ev.sample_batch_size, n)
+        captions_ids = generate_captions(model, latents[start:stop], ev.caption_max_tokens,
+                                         ev.top_p, generator)
+        for i, caption in zip(range(start, stop), captions_ids):
+            ref = refs.get(ids[i], {})
+            rows.append({"id": ids[i], "image": ref.get("image"), "reference": ref.get("caption"),
+                         "caption": model.tokenizer.decode(caption, skip_special_tokens=True)})
+    atomic_write_jsonl(out, rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Sample images (t2i) or captions (i2t).")
+    p.add_argument("--model", required=True, help="a model dir (R/runs/RUN/steps/STEP)")
+    p.add_argument("--mode", required=True, choices=("t2i", "i2t"))
+    p.add_argument("--prompts", type=Path, help="t2i: captions JSONL ({id, image, caption})")
+    p.add_argument("--latents", type=Path, help="i2t: latents safetensors")
+    p.add_argument("--captions", type=Path, help="i2t: reference captions JSONL")
+    p.add_argument("--out", required=True, type=Path, help="t2i: a directory; i2t: a JSONL file")
+    p.add_argument("--config", help="a config whose `evaluation` overrides the model's own")
+    p.add_argument("--run", help="the run of --config to take `evaluation` from")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    # Setup: the model on its base LLM (base_model.json), sampling settings.
+    model = XFusionModel.load(args.model).eval().to(args.device)
+    ev = load_run(args.config, args.run).evaluation if args.config else model.cfg.evaluation
+    if args.mode == "t2i":
+        if args.prompts is None:
+            p.error("--mode t2i needs --prompts")
+        sample_t2i(model, ev, args.prompts, args.out, model.cfg.seed)
+    else:
+        if args.latents is None or args.captions is None:
+            p.error("--mode i2t needs --latents and --captions")
+        sample_i2t(model, ev, args.latents, args.captions, args.out, model.cfg.seed)
+
+
+if __name__ == "__main__":
+    main()
