@@ -1,0 +1,135 @@
+"""eval.aggregate on synthetic metric JSONs (docs/INTERFACES.md schema): tables have the paper's
+columns and rows, figures' CSVs carry what the plots need."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from eval import aggregate
+from xfusion.config import all_runs, experiments_from_dict, load_yaml, resolve_run
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "config" / "tiny.yaml"
+REFERENCE = ROOT / "reference" / "paper_results.yaml"
+
+
+def metric(path: Path, name: str, value: float, run=None, step=None, details=None) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"metric": name, "value": value, "run": run, "step": step, "n": 8,
+                                "details": details or {}}))
+    return str(path)
+
+
+def make_inputs(root: Path, experiment: str) -> dict:
+    """Metric files, base result, train logs and caption metrics the way the DAG lays them out."""
+    raw = load_yaml(CONFIG)
+    runs = experiments_from_dict(raw)[experiment].runs
+    out = {"metrics": [], "base": [], "train_logs": [], "caption_metrics": []}
+    for i, name in enumerate(runs):
+        run = resolve_run(raw, name)
+        for step in run.training.eval_steps:
+            d = root / "metrics" / name / str(step)
+            out["metrics"] += [metric(d / "fid.json", "fid", 30.0 - i - step / 100, name, step),
+                               metric(d / "clip.json", "clip_score", 20.0 + i, None, None),
+                               metric(d / "itm.json", "blip_itm", 40.0 + i, name, step),
+                               metric(d / "mmlu.json", "mmlu", 0.25 + 0.01 * i, name, step)]
+            per_layer = {mode: {str(l): 0.5 + 0.05 * l - 0.1 * run.training.i2t_noise_max
+                                for l in run.evaluation.probe_layers}
+                         for mode in ("understanding", "generation")}
+            out["metrics"].append(metric(d / "probe.json", "linear_probe", 0.6, name, step,
+                                         {"per_layer": per_layer}))
+        log = root / "runs" / name / "train_log.jsonl"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("".join(json.dumps({"step": s, "loss": 1.0, "t2i_tokens_seen": 10 * s,
+                                           "i2t_tokens_seen": 5 * s}) + "\n"
+                               for s in range(0, run.training.steps + 1, 50)))
+        out["train_logs"].append(f"{name}={log}")
+    for base in ("tiny_base",):
+        out["base"].append(f"{base}=" + metric(root / "metrics" / "base" / base / "mmlu.json",
+                                               "mmlu", 0.3))
+    out["caption_metrics"].append(metric(
+        root / "metrics" / "caption_metrics.json", "caption_metrics", 0.0, details={
+            "rows": {"long_detailed_caption": {"bertscore": 0.8, "clip": 28.0, "blip": 80.0},
+                            "short_poor_caption": {"bertscore": 0.85, "clip": 27.0, "blip": 20.0}}}))
+    return out
+
+
+def run_aggregate(tmp_path: Path, experiment: str) -> pd.DataFrame:
+    inputs = make_inputs(tmp_path / "R", experiment)
+    out = tmp_path / f"{experiment}.csv"
+    argv = ["--config", str(CONFIG), "--experiment", experiment, "--reference", str(REFERENCE),
+            "--out", str(out)]
+    for flag, values in (("--metrics", inputs["metrics"]), ("--base", inputs["base"]),
+                         ("--train-logs", inputs["train_logs"]),
+                         ("--caption-metrics", inputs["caption_metrics"])):
+        argv += [flag, *values]
+    aggregate.main(argv)
+    return pd.read_csv(out)
+
+
+def test_table1_has_base_row_four_architectures_and_paper_columns(tmp_path):
+    table = run_aggregate(tmp_path, "table1")
+    assert list(table.columns) == ["variant", "mmlu", "fid", "clip", "blip", "paper_mmlu",
+                                   "paper_fid", "paper_clip", "paper_blip"]
+    assert list(table.variant) == ["tiny_base", "single_tower", "gated_tower", "dual_projection",
+                                   "dual_tower"]
+    row = table.set_index("variant")
+    assert row.loc["tiny_base", "mmlu"] == pytest.approx(30.0)  # fraction -> percent
+    assert row.loc["tiny_base", "paper_mmlu"] == pytest.approx(32.2)  # the LLaMA3.2-1B row
+    assert row.loc["dual_tower", "paper_fid"] == pytest.approx(14.20)
+    assert row.loc["single_tower", "paper_mmlu"] == pytest.approx(25.0)
+    # the last eval step's values: fid at step 400 for run index 3
+    assert row.loc["dual_tower", "fid"] == pytest.approx(30.0 - 3 - 4.0)
+    assert row.loc["single_tower", "clip"] == pytest.approx(20.0)  # run/step from the path
+
+
+def test_table_a_puts_our_final_model_beside_published_rows(tmp_path):
+    table = run_aggregate(tmp_path, "tableA")
+    assert set(table.source) == {"paper", "ours"}
+    assert "X-Fusion" in set(table.system)
+    ours = table[table.source == "ours"].iloc[0]
+    assert ours.system == "ours: dual_tower" and ours.coco_fid == pytest.approx(30.0 - 4.0)
+
+
+def test_lr_ratio_reports_mmlu_change_against_base(tmp_path):
+    table = run_aggregate(tmp_path, "lr_ratio").set_index("variant")
+    assert list(table.index) == ["tiny_base", "lr_ratio_0", "lr_ratio_0_1", "single_tower"]
+    assert table.loc["lr_ratio_0_1", "lr_text_ratio"] == pytest.approx(0.1)
+    assert table.loc["lr_ratio_0", "mmlu_change"] == pytest.approx(25.0 - 30.0)
+
+
+def test_figure5_rows_per_run_and_step_with_tokens_seen(tmp_path):
+    frame = run_aggregate(tmp_path, "figure5")
+    runs = list(experiments_from_dict(load_yaml(CONFIG))["figure5"].runs)
+    assert list(dict.fromkeys(frame.run)) == runs
+    assert len(frame) == 2 * len(runs)
+    assert {"fid", "clip", "blip", "t2i_ratio", "t2i_tokens_seen", "i2t_tokens_seen"} <= set(frame)
+    assert (frame.t2i_tokens_seen == 10 * frame.step).all()
+
+
+def test_figure_d_probe_per_layer_and_mode(tmp_path):
+    frame = run_aggregate(tmp_path, "figureD")
+    assert set(frame["mode"]) == {"understanding", "generation"}
+    assert set(frame.layer) == {1, 2, 3, 4}
+    clean = frame[frame.i2t_noise_max == 0].accuracy.mean()
+    noisy = frame[frame.i2t_noise_max > 0].accuracy.mean()
+    assert clean > noisy
+
+
+def test_figure_e_paper_values_beside_ours(tmp_path):
+    frame = run_aggregate(tmp_path, "figureE").set_index(["caption", "metric"])
+    assert frame.loc[("short_poor_caption", "blip"), "paper"] == pytest.approx(10.4)
+    assert frame.loc[("short_poor_caption", "blip"), "ours"] == pytest.approx(20.0)
+
+
+def test_every_configured_experiment_aggregates(tmp_path):
+    for experiment in experiments_from_dict(load_yaml(CONFIG)):
+        assert not run_aggregate(tmp_path / experiment, experiment).empty, experiment
+
+
+def test_unknown_metric_file_is_refused(tmp_path):
+    bad = metric(tmp_path / "metrics" / "dual_tower" / "400" / "bleu.json", "bleu", 1.0)
+    with pytest.raises(SystemExit, match="unknown metric file"):
+        aggregate.read_metrics([bad])

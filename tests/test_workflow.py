@@ -1,0 +1,229 @@
+"""The DAG as Snakemake plans it (dry runs only; the entry points are not run here)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from xfusion.config import ARCHITECTURES, all_runs, experiments_from_dict, load_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = Path(sys.executable).with_name("snakemake")
+TINY = load_yaml(ROOT / "config" / "tiny.yaml")
+
+
+def snakemake(*args, cwd=ROOT):
+    proc = subprocess.run([str(SNAKEMAKE), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def job_counts(output: str) -> dict[str, int]:
+    table = output.split("Job stats:")[1].split("total")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+def jobs(output: str, rule: str) -> list[str]:
+    """The dry run's description block of each job of `rule`."""
+    return [b for b in re.split(r"\n(?=\[|rule |localrule )", output)
+            if re.match(rf"(local)?rule {rule}:", b.strip())]
+
+
+@pytest.fixture(scope="module")
+def tiny_plan(tmp_path_factory):
+    """Plan everything (-F) into a temp results dir, so existing results don't hide jobs."""
+    raw = dict(TINY, results_dir=str(tmp_path_factory.mktemp("r") / "tiny"))
+    path = tmp_path_factory.mktemp("c") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    rc, out = snakemake("-n", "-F", "--cores", "2", "--configfile", str(path))
+    assert rc == 0, out[-3000:]
+    return out
+
+
+def test_lint_is_clean():
+    rc, out = snakemake("--lint")
+    assert rc == 0 and "Congratulations, your workflow is in a good condition" in out, out[-3000:]
+
+
+def test_tiny_dry_run_plans_every_table_and_figure(tiny_plan):
+    for name, exp in experiments_from_dict(TINY).items():
+        assert f"results/{name}.csv" in tiny_plan
+        if exp.kind == "figure":
+            assert f"results/figures/{name}.png" in tiny_plan
+            assert f"results/figures/{name}.pdf" in tiny_plan
+
+
+def test_each_run_trained_once_and_shared_runs_not_duplicated(tiny_plan):
+    counts = job_counts(tiny_plan)
+    runs = all_runs(TINY)
+    assert counts["train_run"] == len(runs)
+    trained = [re.search(r"wildcards: run=(\w+)", b).group(1) for b in jobs(tiny_plan, "train_run")]
+    assert sorted(trained) == sorted(runs)  # dual_tower appears in 6 experiments, trained once
+    assert counts["world"] == 1 and counts["tokenizer"] == 1 and counts["judges"] == 1
+    assert counts["caption"] == 2 and counts["latents"] == 2
+    assert counts["base_lm"] == 3  # tiny_base, tiny_s, tiny_l (Supp. Fig. B sizes)
+    assert counts["aggregate"] == len(experiments_from_dict(TINY))
+    assert counts["linear_probe"] == 2 and counts["caption_metrics"] == 1
+
+
+def test_metrics_at_each_eval_step_for_curves_and_last_step_for_tables(tiny_plan):
+    fid_jobs = {re.search(r"wildcards: run=(\w+), step=(\d+)", b).groups()
+                for b in jobs(tiny_plan, "fid")}
+    assert ("ratio_50_50", "200") in fid_jobs and ("ratio_50_50", "400") in fid_jobs
+    assert ("gated_tower", "400") in fid_jobs and ("gated_tower", "200") not in fid_jobs
+    mmlu_jobs = {re.search(r"wildcards: run=(\w+), step=(\d+)", b).groups()
+                 for b in jobs(tiny_plan, "mmlu")}
+    assert {run for run, _ in mmlu_jobs} == set(
+        experiments_from_dict(TINY)["table1"].runs) | {"lr_ratio_0", "lr_ratio_0_1"}
+
+
+def test_shell_commands_follow_interfaces(tmp_path):
+    rc, out = snakemake("-n", "-p", "--cores", "2", "-F", "results/tiny/runs/dual_tower/done.json")
+    assert rc == 0, out[-3000:]
+    train = jobs(out, "train_run")[0]
+    assert re.search(r"-m xfusion\.train --config \S+ --run dual_tower --base-lm "
+                     r"results/tiny/base_lm/tiny_base/base_model\.json --latents "
+                     r"results/tiny/latents/train\.safetensors --captions "
+                     r"results/tiny/captions/train\.jsonl\s+--out results/tiny/runs/dual_tower", out)
+    assert "srun" not in train  # one local process
+
+
+def test_paper_dry_run_via_slurm_profile_lists_gpu_training_for_four_architectures():
+    rc, out = snakemake("--profile", "slurm", "-n", "results/table1.csv", "-F")
+    assert rc == 0, out[-3000:]
+    train = jobs(out, "train_run")
+    runs = {re.search(r"wildcards: run=(\w+)", b).group(1) for b in train}
+    assert runs == set(ARCHITECTURES) - {"x_fuse"}
+    for block in train:
+        assert re.search(r"gpu=8\b", block) and "tasks_per_gpu=1" in block and "mpi=srun" in block
+        assert "slurm_partition=gpu" in block and "runtime=4320" in block
+    assert not jobs(out, "judges")  # paper scale loads CLIP / BLIP-2 / Inception
+    assert "results/paper/" in out and "results/tiny/" not in out
+
+
+# ---- the DAG executed with stand-in entry points ------------------------------------------------
+
+STAND_IN = r'''
+"""Stand-in for `python -m <entry point>`: writes what docs/INTERFACES.md says each one writes
+(placeholders), and runs eval.aggregate / eval.plots for real."""
+import json, os, sys
+from pathlib import Path
+args = sys.argv[1:]
+assert args[0] == "-m", args
+module, rest = args[1], args[2:]
+if module in ("eval.aggregate", "eval.plots"):
+    os.execv(os.environ["REAL_PYTHON"], [os.environ["REAL_PYTHON"], *args])
+with open(os.environ["STAND_IN_LOG"], "a") as fh:
+    fh.write(json.dumps(args) + "\n")
+opt = lambda name: rest[rest.index(name) + 1] if name in rest else None
+out = Path(opt("--out"))
+def write(path, text="{}\n"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+def metric(value, details=None):
+    write(out, json.dumps({"metric": module, "value": value, "run": opt("--run"),
+                           "step": int(opt("--step")) if opt("--step") else None, "n": 1,
+                           "details": details or {}}))
+if module == "xfusion.data.world":
+    for split in ("train", "heldout"):
+        write(out / split / "scenes.jsonl")
+        (out / split / "images").mkdir(parents=True, exist_ok=True)
+    write(out / "corpus.txt", "fact\n")
+    (out / "mmlu").mkdir(parents=True, exist_ok=True)
+elif module in ("xfusion.tokenizer", "eval.judges"):
+    out.mkdir(parents=True, exist_ok=True)
+elif module == "xfusion.pretrain_lm":
+    write(out / "base_model.json")
+elif module == "xfusion.train":
+    steps = [200, 400]
+    for step in steps:
+        (out / "steps" / str(step)).mkdir(parents=True, exist_ok=True)
+    write(out / "train_log.jsonl", "".join(json.dumps(
+        {"step": s, "t2i_tokens_seen": 10 * s, "i2t_tokens_seen": 5 * s}) + "\n" for s in steps))
+    write(out / "done.json")
+elif module == "xfusion.sample" and opt("--mode") == "t2i":
+    write(out / "index.jsonl")
+elif module in ("xfusion.caption", "xfusion.latents", "xfusion.sample"):
+    write(out)
+elif module == "eval.linear_probe":
+    metric(0.5, {"per_layer": {m: {"1": 0.5, "2": 0.6} for m in ("understanding", "generation")}})
+elif module == "eval.caption_metrics":
+    metric(50.0, {"rows": {"long_detailed_caption": {"bertscore": 0.8, "clip": 25.0, "blip": 80.0},
+                           "short_poor_caption": {"bertscore": 0.85, "clip": 25.0, "blip": 30.0}}})
+else:  # fid, clip_score, itm, mmlu
+    metric(0.3 if module == "eval.mmlu" else 20.0)
+'''
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """table1 + figure5 + figureE executed in a scratch working directory with stand-ins."""
+    work = tmp_path_factory.mktemp("work")
+    for name in ("reference", "config"):
+        (work / name).symlink_to(ROOT / name)
+    stand_in = work / "stand_in.py"
+    stand_in.write_text(f"#!{sys.executable}\n{STAND_IN}")
+    stand_in.chmod(0o755)
+    env = dict(os.environ, XFUSION_PYTHON=str(stand_in), REAL_PYTHON=sys.executable,
+               STAND_IN_LOG=str(work / "calls.jsonl"), OMP_NUM_THREADS="1")
+
+    def run(*args):
+        proc = subprocess.run([str(SNAKEMAKE), "-s", str(ROOT / "Snakefile"), "-d", str(work),
+                               "--cores", "2", *TARGETS, *args],
+                              cwd=work, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        return proc.stdout + proc.stderr
+
+    run()
+    return work, run
+
+
+TARGETS = ["results/table1.csv", "results/figures/figure5.png", "results/figures/figureE.png"]
+
+
+def test_dag_runs_end_to_end_with_stand_in_entry_points(executed):
+    work, _ = executed
+    table = pd.read_csv(work / "results" / "table1.csv")
+    assert list(table.variant) == ["tiny_base", "single_tower", "gated_tower", "dual_projection",
+                                   "dual_tower"]
+    assert (work / "results" / "figures" / "figure5.pdf").stat().st_size > 1000
+    calls = [json.loads(l) for l in (work / "calls.jsonl").read_text().splitlines()]
+    trains = [c[c.index("--run") + 1] for c in calls if c[1] == "xfusion.train"]
+    assert sorted(trains) == sorted(set(trains))  # dual_tower (table1 + figure5) trained once
+
+
+def test_complete_run_is_up_to_date(executed):
+    _, run = executed
+    assert "Nothing to be done" in run("-n")
+
+
+def test_forcerun_train_reruns_exactly_its_dependents(executed):
+    _, run = executed
+    counts = job_counts(run("-n", "--forcerun", "train_run"))
+    assert set(counts) == {"train_run", "sample_t2i", "sample_i2t", "fid", "clip_score", "itm",
+                           "mmlu", "aggregate", "plot"}  # not data, base LLM, judges, base MMLU
+    assert counts["train_run"] == 8  # table1's 4 architectures + figure5's other 4 ratios
+
+
+def test_forcing_one_run_reruns_only_that_run_and_its_figure(executed):
+    _, run = executed
+    out = run("-n", "--forcerun", "results/tiny/runs/ratio_50_50/done.json")
+    counts = job_counts(out)
+    assert counts["train_run"] == 1 and counts["fid"] == 2 and counts["aggregate"] == 1
+    assert "output: results/figure5.csv" in out and "output: results/table1.csv" not in out
+
+
+def test_report_bundles_tables_and_figures(executed):
+    work, run = executed
+    run("--report", str(work / "report.zip"))
+    with zipfile.ZipFile(work / "report.zip") as archive:
+        names = archive.namelist()
+    assert any(n.endswith("table1.csv") for n in names)
+    assert any(n.endswith("figure5.png") for n in names)

@@ -1,0 +1,53 @@
+# The frozen base LLM per base name, and the tiny-scale judges (evaluators the pipeline trains).
+
+
+rule base_lm:
+    """Pretrain the tiny Llama on the world corpus, or record a pretrained one (paper scale)."""
+    input:
+        corpus_input(),
+        mmlu_input(),
+        tokenizer=f"{R}/tokenizer",
+    output:
+        f"{R}/base_lm/{{base}}/base_model.json",
+    params:
+        py=PY,
+        config=CONFIG,
+        run=lambda wc: BASE_RUN[wc.base],
+        # paths, not inputs, at paper scale (pretrained base, evaluation.mmlu_path)
+        corpus=lambda wc: CORPUS,
+        mmlu=lambda wc: mmlu_data(),
+        out=lambda wc: f"{R}/base_lm/{wc.base}",
+        recipe=lambda wc: base_recipe(wc.base),
+    conda:
+        CONDA_ENV
+    log:
+        log("base_lm", "{base}"),
+    benchmark:
+        bench("base_lm", "{base}")
+    shell:
+        "{params.py} -m xfusion.pretrain_lm --config {params.config} --run {params.run} --tokenizer {input.tokenizer} --corpus {params.corpus} --mmlu {params.mmlu} --out {params.out} > {log} 2>&1"
+
+
+if uses_judges():
+
+    rule judges:
+        """Train the tiny CLIP and ITM judges on held-out world data (FID features, CLIP score,
+        BLIP-2 ITM stand-ins)."""
+        input:
+            scenes=f"{R}/world/heldout/scenes.jsonl",
+            images=f"{R}/world/heldout/images",
+            captions=f"{R}/captions/heldout.jsonl",
+        output:
+            directory(f"{R}/judges"),
+        params:
+            py=PY,
+            config=CONFIG,
+            recipe=recipe("evaluation", "data"),
+        conda:
+            CONDA_ENV
+        log:
+            log("judges"),
+        benchmark:
+            bench("judges")
+        shell:
+            "{params.py} -m eval.judges --config {params.config} --scenes {input.scenes} --captions {input.captions} --out {output} > {log} 2>&1"

@@ -1,0 +1,292 @@
+"""Config validation, the run registry, paths and input functions shared by every stage.
+
+Everything here runs when Snakemake parses the workflow, before any job: a config that the schema
+or xfusion.config rejects stops the run with a message naming the dotted key.
+"""
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import jsonschema
+import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from xfusion.config import ConfigError, all_runs, apply_overrides
+from xfusion.config import experiments_from_dict, resolve_run
+from xfusion.io import atomic_write_text
+
+
+# ---- validation -------------------------------------------------------------------------------
+
+SCHEMA_PATH = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def schema_messages(raw, prefix="config"):
+    """Every schema violation of `raw` as `config.a.b = value: why` (empty when valid)."""
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    messages = []
+    errors = jsonschema.Draft202012Validator(schema).iter_errors(raw)
+    for err in sorted(errors, key=lambda e: [str(p) for p in e.absolute_path]):
+        key = ".".join([prefix, *map(str, err.absolute_path)])
+        if err.validator == "required":
+            missing = [k for k in err.validator_value if k not in err.instance]
+            messages += [f"{key}.{k}: missing required key" for k in missing]
+        elif err.validator == "additionalProperties" and err.validator_value is False:
+            known = err.schema.get("properties", {})
+            unknown = sorted(k for k in err.instance if k not in known)
+            messages += [f"{key}.{k}: unknown key (known: {', '.join(known)})" for k in unknown]
+        else:
+            messages.append(f"{key} = {err.instance!r}: {err.message}")
+    return messages
+
+
+def check_config(raw):
+    """Validate the recipe, then every run (recipe + its overrides); stop with all problems."""
+    try:
+        validate(raw, str(SCHEMA_PATH), set_default=False)
+        messages = []
+    except WorkflowError:
+        messages = schema_messages(raw) or ["config: does not match the schema"]
+    if not messages:
+        try:
+            runs = all_runs(raw)
+        except ConfigError as err:
+            raise WorkflowError(f"Invalid config: {err}") from None
+        for exp_name, spec in raw["experiments"].items():
+            for run in spec.get("runs") or {}:
+                resolved = apply_overrides(raw, runs[run])
+                where = f"config.experiments.{exp_name}.runs.{run} ->"
+                messages += [f"{where} {m}" for m in schema_messages(resolved)]
+    if messages:
+        raise WorkflowError("Invalid config (stopped before any job):\n  " + "\n  ".join(messages))
+    try:
+        return {name: resolve_run(raw, name) for name in runs}
+    except ConfigError as err:
+        raise WorkflowError(f"Invalid config (stopped before any job): {err}") from None
+
+
+RUNS = check_config(config)  # run name -> resolved xfusion.config.RunConfig
+EXPERIMENTS = experiments_from_dict(config)
+R = config["results_dir"].rstrip("/")
+# The interpreter of the entry points: the one running Snakemake (the project's venv), unless
+# XFUSION_PYTHON names another (tests/test_workflow.py points it at a stand-in).
+PY = os.environ.get("XFUSION_PYTHON", sys.executable)
+CONDA_ENV = "../../environment.yml"  # conda users (--sdm conda); relative to workflow/rules/
+SPLITS = ("train", "heldout")
+JUDGE_NAMES = ("judge_clip", "judge_itm")  # evaluators that eval.judges trains (tiny scale)
+
+
+def config_path():
+    """The config file every entry point reads with --config: R/config.yaml, the config exactly
+    as Snakemake resolved it (config file + --config overrides), rewritten only when it changes.
+    Jobs thus see what Snakemake saw, and the path itself never changes (it is a params value,
+    so a changing path would rerun every job; `recipe` params carry the real changes)."""
+    merged = Path(R) / "config.yaml"
+    text = yaml.safe_dump(dict(config), sort_keys=False)
+    if not merged.exists() or merged.read_text() != text:
+        atomic_write_text(merged, text)
+    return str(merged)
+
+
+CONFIG = config_path()
+
+
+# ---- registries -------------------------------------------------------------------------------
+
+
+def base_of(run):
+    return RUNS[run].model.base_lm.name
+
+
+def eval_steps(run):
+    return sorted(RUNS[run].training.eval_steps)
+
+
+def last_step(run):
+    return eval_steps(run)[-1]
+
+
+BASES = sorted({base_of(run) for run in RUNS})
+BASE_RUN = {base: next(r for r in RUNS if base_of(r) == base) for base in BASES}  # --run for base_lm
+
+# What each experiment reads: metric files of its runs at the last eval step ("final") or at
+# every eval step ("every"), the base LLM's MMLU, training logs (tokens seen), the linear probe,
+# the caption-metric comparison. An experiment not listed here reads by its kind.
+METRICS = ("fid", "clip", "itm")
+MEASURES = {
+    "table1": {"final": METRICS + ("mmlu",), "base_mmlu": True},
+    "tableA": {"final": METRICS + ("mmlu",)},
+    "lr_ratio": {"final": METRICS + ("mmlu",), "base_mmlu": True},
+    "figure5": {"every": METRICS, "train_log": True},
+    "figure6": {"every": METRICS},
+    "figure8": {"every": METRICS},
+    "figureB": {"every": METRICS},
+    "figureD": {"final": ("probe",)},
+    "figureE": {"caption_metrics": True},
+}
+BY_KIND = {"table": MEASURES["table1"], "figure": MEASURES["figure6"]}
+
+
+def measures(exp):
+    return MEASURES.get(exp, BY_KIND[EXPERIMENTS[exp].kind])
+
+
+FIGURES = [e for e in EXPERIMENTS if EXPERIMENTS[e].kind == "figure"]
+
+
+def alternation(names):
+    """A wildcard constraint matching exactly these names (none: nothing)."""
+    return "|".join(re.escape(n) for n in sorted(names)) or "(?!)"
+
+
+wildcard_constraints:
+    run=alternation(RUNS),
+    base=alternation(BASES),
+    experiment=alternation(EXPERIMENTS),
+    step=r"\d+",
+    split="|".join(SPLITS),
+
+
+# ---- paths and input functions ---------------------------------------------------------------
+
+
+def world_source():
+    return config["data"]["source"] == "world"
+
+
+CORPUS = f"{R}/world/corpus.txt"
+
+
+def corpus_input():
+    """The world corpus is an input at tiny scale only: the folder source writes no corpus, and
+    paper-scale tokenizer and base LLM are pretrained (the entry points take the path anyway)."""
+    return [CORPUS] if world_source() else []
+
+
+def mmlu_data():
+    """MMLU in hendrycks layout: the world's tiny benchmark or evaluation.mmlu_path."""
+    path = config["evaluation"].get("mmlu_path")
+    return path if path else f"{R}/world/mmlu"
+
+
+def mmlu_input():
+    return [] if config["evaluation"].get("mmlu_path") else [f"{R}/world/mmlu"]
+
+
+def evaluators(run, *keys):
+    """Evaluator names (evaluation.<key>) of a run, or of the recipe when run is None."""
+    section = RUNS[run].evaluation.__dict__ if run else config["evaluation"]
+    return [section.get(k) for k in keys]
+
+
+def repa_encoder(run):
+    repa = RUNS[run].model.repa
+    return [repa.encoder] if repa.enabled else []
+
+
+EVALUATOR_KEYS = ("fid_extractor", "clip_model", "itm_model", "bertscore_model")
+
+
+def uses_judges():
+    """True when a job reads R/judges: paper scale loads CLIP/BLIP-2/Inception instead."""
+    names = evaluators(None, *EVALUATOR_KEYS)
+    for run in RUNS:
+        names += evaluators(run, *EVALUATOR_KEYS) + repa_encoder(run)
+    return any(n in JUDGE_NAMES for n in names)
+
+
+def judges_input(names):
+    return [f"{R}/judges"] if any(n in JUDGE_NAMES for n in names) else []
+
+
+def judges_flag(names):
+    return f"--judges {R}/judges" if judges_input(names) else ""
+
+
+def model_dir(wildcards):
+    return f"{R}/runs/{wildcards.run}/steps/{wildcards.step}"
+
+
+def done(run):
+    """Training's last output; the step model dirs beside it are complete once it exists."""
+    return f"{R}/runs/{run}/done.json"
+
+
+def metric_path(run, step, metric):
+    return f"{R}/metrics/{run}/{step}/{metric}.json"
+
+
+def base_mmlu(base):
+    return f"{R}/metrics/base/{base}/mmlu.json"
+
+
+def recipe(*sections, run=None):
+    """Config sections a job depends on, as a params value: Snakemake's params rerun trigger then
+    reruns exactly the jobs whose part of the config changed (the config file path never does)."""
+    source = RUNS[run].to_dict() if run else config
+    return json.dumps({s: source.get(s) for s in sections}, sort_keys=True, default=list)
+
+
+def base_recipe(base):
+    """The base LLM depends on its own section and the data (corpus, tokenizer) only."""
+    run = RUNS[BASE_RUN[base]].to_dict()
+    return json.dumps({"base_lm": run["model"]["base_lm"], "data": run["data"]}, sort_keys=True)
+
+
+def srun_launcher(resources):
+    """Multi-GPU launch: under the slurm profile `mpi` is "srun" and each task is one DeepSpeed
+    rank (xfusion.engine reads SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID); locally it is empty."""
+    mpi = resources.get("mpi", "")
+    return f"{mpi} --ntasks={resources.tasks} --kill-on-bad-exit=1" if mpi else ""
+
+
+def log(rule, pattern=""):
+    name = pattern or "all"
+    return f"{R}/logs/{rule}/{name}.log"
+
+
+def bench(rule, pattern=""):
+    name = pattern or "all"
+    return f"{R}/benchmarks/{rule}/{name}.tsv"
+
+
+def aggregate_inputs(wildcards):
+    """Named inputs of eval.aggregate for one experiment (see MEASURES)."""
+    exp = wildcards.experiment
+    need = measures(exp)
+    runs = list(EXPERIMENTS[exp].runs)
+    metrics = [metric_path(r, last_step(r), m) for r in runs for m in need.get("final", ())]
+    metrics += [metric_path(r, s, m) for r in runs for s in eval_steps(r) for m in need.get("every", ())]
+    inputs = {"metrics": metrics}
+    if need.get("base_mmlu"):
+        inputs["base"] = [base_mmlu(b) for b in sorted({base_of(r) for r in runs})]
+    if need.get("train_log"):
+        inputs["done"] = [done(r) for r in runs]
+    if need.get("caption_metrics"):
+        inputs["captions"] = [f"{R}/metrics/caption_metrics.json"]
+    return inputs
+
+
+def aggregate_flags(wildcards, input):
+    """Explicit paths for eval.aggregate: metric files, base results, training logs."""
+    flags = []
+    if input.get("metrics"):
+        flags.append("--metrics " + " ".join(input.metrics))
+    if input.get("base"):
+        flags.append("--base " + " ".join(f"{Path(p).parent.name}={p}" for p in input.base))
+    if input.get("done"):
+        logs = [f"{Path(p).parent.name}={Path(p).parent}/train_log.jsonl" for p in input.done]
+        flags.append("--train-logs " + " ".join(logs))
+    if input.get("captions"):
+        flags.append("--caption-metrics " + " ".join(input.captions))
+    return " ".join(flags)
+
+
+def final_targets():
+    tables = [f"results/{e}.csv" for e in EXPERIMENTS]
+    figures = [f"results/figures/{e}.{ext}" for e in FIGURES for ext in ("png", "pdf")]
+    return tables + figures

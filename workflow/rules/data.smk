@@ -1,0 +1,114 @@
+# Data stage: images + scene records, long captions, tokenizer, latents (docs/INTERFACES.md).
+
+
+if world_source():
+
+    rule world:
+        """Generate the tiny image-caption world, its text corpus and its MMLU-format benchmark."""
+        output:
+            train=f"{R}/world/train/scenes.jsonl",
+            heldout=f"{R}/world/heldout/scenes.jsonl",
+            train_images=directory(f"{R}/world/train/images"),
+            heldout_images=directory(f"{R}/world/heldout/images"),
+            corpus=f"{R}/world/corpus.txt",
+            mmlu=directory(f"{R}/world/mmlu"),
+        params:
+            py=PY,
+            config=CONFIG,
+            out=lambda wc, output: str(Path(output.train).parent.parent),
+            recipe=recipe("data", "seed"),
+        conda:
+            CONDA_ENV
+        log:
+            log("world"),
+        benchmark:
+            bench("world")
+        shell:
+            "{params.py} -m xfusion.data.world --config {params.config} --out {params.out} > {log} 2>&1"
+
+else:
+
+    rule folder:
+        """Center-crop and resize data.image_dir into the train/heldout splits."""
+        output:
+            train=f"{R}/world/train/scenes.jsonl",
+            heldout=f"{R}/world/heldout/scenes.jsonl",
+            train_images=directory(f"{R}/world/train/images"),
+            heldout_images=directory(f"{R}/world/heldout/images"),
+        params:
+            py=PY,
+            config=CONFIG,
+            out=lambda wc, output: str(Path(output.train).parent.parent),
+            recipe=recipe("data", "seed"),
+        conda:
+            CONDA_ENV
+        log:
+            log("folder"),
+        benchmark:
+            bench("folder")
+        shell:
+            "{params.py} -m xfusion.data.folder --config {params.config} --out {params.out} > {log} 2>&1"
+
+
+rule caption:
+    """Long captions per split (the InternVL step; the scene record at tiny scale)."""
+    input:
+        scenes=f"{R}/world/{{split}}/scenes.jsonl",
+        images=f"{R}/world/{{split}}/images",
+    output:
+        f"{R}/captions/{{split}}.jsonl",
+    params:
+        py=PY,
+        config=CONFIG,
+        recipe=recipe("data"),
+    conda:
+        CONDA_ENV
+    log:
+        log("caption", "{split}"),
+    benchmark:
+        bench("caption", "{split}")
+    shell:
+        "{params.py} -m xfusion.caption --config {params.config} --scenes {input.scenes} --out {output} > {log} 2>&1"
+
+
+rule tokenizer:
+    """Train the tiny tokenizer (or save the base LLM's own at paper scale)."""
+    input:
+        corpus_input(),
+        captions=f"{R}/captions/train.jsonl",
+    output:
+        directory(f"{R}/tokenizer"),
+    params:
+        py=PY,
+        config=CONFIG,
+        corpus=lambda wc: CORPUS,  # a path, not an input, at paper scale
+        recipe=recipe("data"),
+    conda:
+        CONDA_ENV
+    log:
+        log("tokenizer"),
+    benchmark:
+        bench("tokenizer")
+    shell:
+        "{params.py} -m xfusion.tokenizer --config {params.config} --corpus {params.corpus} --captions {input.captions} --out {output} > {log} 2>&1"
+
+
+rule latents:
+    """Encode a split with the image codec once; every run trains on these latents."""
+    input:
+        captions=f"{R}/captions/{{split}}.jsonl",
+        images=f"{R}/world/{{split}}/images",
+    output:
+        f"{R}/latents/{{split}}.safetensors",
+    params:
+        py=PY,
+        config=CONFIG,
+        recipe=recipe("data", "model"),
+    conda:
+        CONDA_ENV
+    log:
+        log("latents", "{split}"),
+    benchmark:
+        bench("latents", "{split}")
+    shell:
+        "{params.py} -m xfusion.latents --config {params.config} --captions {input.captions} --out {output} > {log} 2>&1"

@@ -1,0 +1,161 @@
+# Metrics: one JSON per (run, step, metric) under R/metrics (docs/INTERFACES.md, "Metrics").
+# Aggregation asks for exactly the files each table/figure needs (common.smk, MEASURES).
+
+
+rule fid:
+    """FID of the step's T2I samples against the held-out images (reference stats cached)."""
+    input:
+        lambda wc: judges_input(evaluators(wc.run, "fid_extractor")),
+        samples=f"{R}/samples/{{run}}/{{step}}/t2i/index.jsonl",
+        reference=f"{R}/world/heldout/images",
+    output:
+        f"{R}/metrics/{{run}}/{{step}}/fid.json",
+    params:
+        py=PY,
+        config=CONFIG,
+        generated=lambda wc, input: str(Path(input.samples).parent),
+        cache=f"{R}/fid_ref",
+        judges=lambda wc: judges_flag(evaluators(wc.run, "fid_extractor")),
+    conda:
+        CONDA_ENV
+    log:
+        log("fid", "{run}/{step}"),
+    benchmark:
+        bench("fid", "{run}/{step}")
+    shell:
+        "{params.py} -m eval.fid --config {params.config} --run {wildcards.run} --step {wildcards.step} --generated {params.generated} --reference {input.reference} --cache {params.cache} {params.judges} --out {output} > {log} 2>&1"
+
+
+rule clip_score:
+    """CLIP score of the step's T2I samples against their prompts."""
+    input:
+        lambda wc: judges_input(evaluators(wc.run, "clip_model")),
+        samples=f"{R}/samples/{{run}}/{{step}}/t2i/index.jsonl",
+    output:
+        f"{R}/metrics/{{run}}/{{step}}/clip.json",
+    params:
+        py=PY,
+        config=CONFIG,
+        judges=lambda wc: judges_flag(evaluators(wc.run, "clip_model")),
+    conda:
+        CONDA_ENV
+    log:
+        log("clip_score", "{run}/{step}"),
+    benchmark:
+        bench("clip_score", "{run}/{step}")
+    shell:
+        "{params.py} -m eval.clip_score --config {params.config} --run {wildcards.run} --step {wildcards.step} --samples {input.samples} {params.judges} --out {output} > {log} 2>&1"
+
+
+rule itm:
+    """BLIP-2 image-text matching score of the step's I2T captions (the paper's BLIP column)."""
+    input:
+        lambda wc: judges_input(evaluators(wc.run, "itm_model")),
+        captions=f"{R}/samples/{{run}}/{{step}}/i2t.jsonl",
+    output:
+        f"{R}/metrics/{{run}}/{{step}}/itm.json",
+    params:
+        py=PY,
+        config=CONFIG,
+        judges=lambda wc: judges_flag(evaluators(wc.run, "itm_model")),
+    conda:
+        CONDA_ENV
+    log:
+        log("itm", "{run}/{step}"),
+    benchmark:
+        bench("itm", "{run}/{step}")
+    shell:
+        "{params.py} -m eval.itm --config {params.config} --run {wildcards.run} --step {wildcards.step} --captions {input.captions} {params.judges} --out {output} > {log} 2>&1"
+
+
+rule mmlu_base:
+    """5-shot MMLU of the base LLM; frozen variants reuse it when their text weights match."""
+    input:
+        mmlu_input(),
+        base_lm=f"{R}/base_lm/{{base}}/base_model.json",
+    output:
+        base_mmlu("{base}"),
+    params:
+        py=PY,
+        config=CONFIG,
+        data=lambda wc: mmlu_data(),
+    conda:
+        CONDA_ENV
+    log:
+        log("mmlu_base", "{base}"),
+    benchmark:
+        bench("mmlu_base", "{base}")
+    shell:
+        "{params.py} -m eval.mmlu --config {params.config} --base-lm {input.base_lm} --data {params.data} --out {output} > {log} 2>&1"
+
+
+rule mmlu:
+    """5-shot MMLU of a trained variant's text path (reused from the base when the hash matches)."""
+    input:
+        mmlu_input(),
+        done=lambda wc: done(wc.run),
+        base_result=lambda wc: base_mmlu(base_of(wc.run)),
+    output:
+        f"{R}/metrics/{{run}}/{{step}}/mmlu.json",
+    params:
+        py=PY,
+        config=CONFIG,
+        model=model_dir,
+        data=lambda wc: mmlu_data(),
+    conda:
+        CONDA_ENV
+    log:
+        log("mmlu", "{run}/{step}"),
+    benchmark:
+        bench("mmlu", "{run}/{step}")
+    shell:
+        "{params.py} -m eval.mmlu --config {params.config} --run {wildcards.run} --step {wildcards.step} --model {params.model} --base-result {input.base_result} --data {params.data} --out {output} > {log} 2>&1"
+
+
+rule linear_probe:
+    """Linear probe of image hidden states per layer, understanding and generation modes
+    (trained on train-split features, measured on held-out ones)."""
+    input:
+        done=lambda wc: done(wc.run),
+        train_scenes=f"{R}/world/train/scenes.jsonl",
+        train_latents=f"{R}/latents/train.safetensors",
+        train_captions=f"{R}/captions/train.jsonl",
+        scenes=f"{R}/world/heldout/scenes.jsonl",
+        latents=f"{R}/latents/heldout.safetensors",
+        captions=f"{R}/captions/heldout.jsonl",
+    output:
+        f"{R}/metrics/{{run}}/{{step}}/probe.json",
+    params:
+        py=PY,
+        config=CONFIG,
+        model=model_dir,
+    conda:
+        CONDA_ENV
+    log:
+        log("linear_probe", "{run}/{step}"),
+    benchmark:
+        bench("linear_probe", "{run}/{step}")
+    shell:
+        "{params.py} -m eval.linear_probe --config {params.config} --run {wildcards.run} --step {wildcards.step} --model {params.model} --train-scenes {input.train_scenes} --train-latents {input.train_latents} --train-captions {input.train_captions} --scenes {input.scenes} --latents {input.latents} --captions {input.captions} --out {output} > {log} 2>&1"
+
+
+rule caption_metrics:
+    """Supp. Fig. E: BERTScore, CLIP and ITM scores of a long vs a short caption per image."""
+    input:
+        judges_input(evaluators(None, "clip_model", "itm_model", "bertscore_model")),
+        scenes=f"{R}/world/heldout/scenes.jsonl",
+        captions=f"{R}/captions/heldout.jsonl",
+    output:
+        f"{R}/metrics/caption_metrics.json",
+    params:
+        py=PY,
+        config=CONFIG,
+        judges=judges_flag(evaluators(None, "clip_model", "itm_model", "bertscore_model")),
+    conda:
+        CONDA_ENV
+    log:
+        log("caption_metrics"),
+    benchmark:
+        bench("caption_metrics")
+    shell:
+        "{params.py} -m eval.caption_metrics --config {params.config} --scenes {input.scenes} --captions {input.captions} {params.judges} --out {output} > {log} 2>&1"

@@ -1,0 +1,29 @@
+# Figures: drawn from an experiment's CSV, the paper's findings as subtitle / numbers beside ours.
+
+
+rule plot:
+    """Draw results/figures/<experiment>.png and .pdf with matplotlib."""
+    wildcard_constraints:
+        experiment=alternation(FIGURES),
+    input:
+        table="results/{experiment}.csv",
+        reference="reference/paper_results.yaml",
+    output:
+        png=report(
+            "results/figures/{experiment}.png",
+            caption="../report/figure.rst",
+            category="Figures",
+            labels={"figure": "{experiment}"},
+        ),
+        pdf="results/figures/{experiment}.pdf",
+    conda:
+        CONDA_ENV
+    params:
+        py=PY,
+        config=CONFIG,
+    log:
+        log("plot", "{experiment}"),
+    benchmark:
+        bench("plot", "{experiment}")
+    shell:
+        "{params.py} -m eval.plots --config {params.config} --experiment {wildcards.experiment} --table {input.table} --reference {input.reference} --out {output.png} {output.pdf} > {log} 2>&1"
