@@ -1,0 +1,121 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from xfusion.caption import HFCaptioner, caption_file, scene_caption
+from xfusion.config import CaptionerConfig
+from xfusion.io import read_jsonl
+
+SCENE = {"objects": [{"shape": "triangle", "colour": "red", "size": "large", "position": "left"},
+                     {"shape": "circle", "colour": "blue", "size": "small", "position": "right"},
+                     {"shape": "cross", "colour": "orange", "size": "small", "position": "top"}],
+         "relations": [{"subject": 0, "relation": "left of", "object": 1},
+                       {"subject": 0, "relation": "left of", "object": 2},
+                       {"subject": 1, "relation": "right of", "object": 2}]}
+WORDS = ["red", "blue", "green", "triangle", "circle", "a", "the", "image", "shape", "left"]
+
+
+def test_scene_caption_mentions_every_object_and_relation():
+    caption = scene_caption("train_000007", SCENE)
+    for obj in SCENE["objects"]:
+        for key in ("colour", "shape", "size", "position"):
+            assert obj[key] in caption, (key, caption)
+    assert "to the left of" in caption or "to the right of" in caption
+    assert "three shapes" in caption
+
+
+def test_scene_caption_is_deterministic_per_id_and_varies_across_ids():
+    assert scene_caption("x1", SCENE) == scene_caption("x1", SCENE)
+    assert len({scene_caption(f"x{i}", SCENE) for i in range(20)}) > 1
+
+
+def write_scenes(root: Path, n: int) -> Path:
+    """n coloured 32 px images under root/world/train and their scenes.jsonl."""
+    rows = []
+    for i in range(n):
+        path = root / "world" / "train" / "images" / f"im{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), (40 * i % 255, 90, 200)).save(path)
+        rows.append({"id": f"im{i}", "image": f"world/train/images/im{i}.png", "scene": SCENE,
+                     "labels": None, "short_caption": None})
+    scenes = root / "world" / "train" / "scenes.jsonl"
+    scenes.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return scenes
+
+
+def test_scene_backend_writes_one_caption_per_scene_in_order(tmp_path):
+    scenes = write_scenes(tmp_path, 3)
+    out = tmp_path / "captions" / "train.jsonl"
+    assert caption_file(scenes, out, CaptionerConfig(backend="scene"), "stop") == 3
+    assert [r["id"] for r in read_jsonl(out)] == ["im0", "im1", "im2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_blip(tmp_path_factory) -> str:
+    """A randomly initialised BLIP captioner with a locally built processor, saved to disk."""
+    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration,
+                              BlipImageProcessor, BlipProcessor)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = BertTokenizer(vocab={t: i for i, t in enumerate(specials + WORDS)})
+    processor = BlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}), tok)
+    config = BlipConfig(
+        text_config=dict(vocab_size=len(specials + WORDS), hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                         bos_token_id=2, sep_token_id=3, pad_token_id=0),
+        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64, image_size=32, patch_size=16),
+        projection_dim=32)
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(config)
+    # A random model may stop at once or emit only special tokens; force a few real words so the
+    # test checks plumbing, not luck.
+    model.generation_config.min_new_tokens = 3
+    model.generation_config.suppress_tokens = [0, 1, 2, 4]
+    path = tmp_path_factory.mktemp("blip") / "tiny_blip"
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+def hf_config(model: str) -> CaptionerConfig:
+    return CaptionerConfig(backend="hf", model=model, prompt="a", batch_size=2,
+                           max_new_tokens=4, shard_size=2)
+
+
+def test_hf_backend_on_tiny_random_blip_writes_one_caption_per_image(tiny_blip, tmp_path):
+    scenes = write_scenes(tmp_path, 5)
+    out = tmp_path / "captions" / "train.jsonl"
+    assert caption_file(scenes, out, hf_config(tiny_blip), "stop") == 5
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == [f"im{i}" for i in range(5)]
+    assert all(r["caption"] and set(r["caption"].split()) <= set(WORDS) for r in rows)
+    assert sorted(p.name for p in (out.parent / "train.jsonl.shards").iterdir()) == [
+        "000000.jsonl", "000001.jsonl", "000002.jsonl"]
+
+
+def test_hf_backend_resumes_keeping_existing_shards(tiny_blip, tmp_path):
+    scenes = write_scenes(tmp_path, 4)
+    out = tmp_path / "captions" / "train.jsonl"
+    shard = out.parent / "train.jsonl.shards" / "000000.jsonl"
+    shard.parent.mkdir(parents=True)
+    sentinel = [{"id": f"im{i}", "image": f"world/train/images/im{i}.png", "caption": "SENTINEL"}
+                for i in range(2)]
+    shard.write_text("".join(json.dumps(r) + "\n" for r in sentinel))
+    caption_file(scenes, out, hf_config(tiny_blip), "stop")
+    captions = [r["caption"] for r in read_jsonl(out)]
+    assert captions[:2] == ["SENTINEL", "SENTINEL"]
+    assert all(c != "SENTINEL" and c for c in captions[2:]) and len(captions) == 4
+
+
+def test_empty_caption_is_bad_input_skipped_or_stopping(tiny_blip, tmp_path, monkeypatch):
+    scenes = write_scenes(tmp_path, 2)
+    monkeypatch.setattr(HFCaptioner, "__call__", lambda self, images: ["", "a red circle"])
+    out = tmp_path / "captions" / "train.jsonl"
+    assert caption_file(scenes, out, hf_config(tiny_blip), "skip") == 1
+    report = json.loads((out.parent / "train.bad_inputs.json").read_text())
+    assert report["n_bad"] == 1 and "im0.png" in report["items"][0]["file"]
+    with pytest.raises(SystemExit, match="im0.png"):
+        caption_file(scenes, tmp_path / "captions" / "other.jsonl", hf_config(tiny_blip), "stop")

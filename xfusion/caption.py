@@ -1,0 +1,200 @@
+"""Long captions for every image: the paper's InternVL re-captioning step (X-Fusion Sec. 4).
+
+`python -m xfusion.caption --config C --scenes R/world/<split>/scenes.jsonl --out R/captions/<split>.jsonl`
+writes `{"id", "image", "caption"}` per line, in the order of the scenes file.
+
+Backends (`data.captioner.backend`):
+  scene  tiny scale: long, detailed captions composed from the scene record (every object's colour,
+         size, shape and position, and the relations). The phrasing varies between images but is
+         chosen by a generator seeded with the image id, so one input always gives one caption.
+  hf     any transformers image-text-to-text model (InternVL2 at paper scale, a local path or hub
+         id in `data.captioner.model`), batched, greedy, resumable: every `shard_size` images form a
+         shard written atomically under `<out>.shards/`; a rerun skips the shards already there and
+         the shards are merged into `<out>` in input order at the end.
+An empty caption is a bad input (`data.bad_input_policy`); the skip report goes to
+`<out stem>.bad_inputs.json` beside `<out>`.
+
+References: X-Fusion (Mo et al., 2025) Sec. 4 and Supp. E (long vs short captions);
+transformers' image-text-to-text pipeline (processor + generate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from xfusion.config import CaptionerConfig, load_run
+from xfusion.data import BadInputs, resolve_image
+from xfusion.io import atomic_write_jsonl, read_jsonl
+
+OPENINGS = ("The image shows {n} on a plain light grey background.",
+            "This picture contains {n} drawn on a plain light grey background.",
+            "On a plain light grey background there {are} {n}.",
+            "A simple image with {n} on a light grey background.")
+OBJECT_PHRASES = ("{A} {size} {colour} {shape} is at the {position}.",
+                  "At the {position} there is {a} {size} {colour} {shape}.",
+                  "{A} {colour} {shape}, {size} in size, sits at the {position}.",
+                  "The {position} of the image holds {a} {size} {colour} {shape}.")
+RELATION_PHRASES = ("The {s} is {relation} the {o}.", "The {o} is {inverse} the {s}.")
+INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+COUNT_WORDS = ("no shapes", "one shape", "two shapes", "three shapes", "four shapes",
+               "five shapes")
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def relation_words(rel: str) -> str:
+    return rel if rel in ("above", "below") else f"to the {rel}"
+
+
+def scene_caption(image_id: str, scene: dict) -> str:
+    """A long caption naming every object's colour, size, shape and position and each relation."""
+    rng = random.Random(f"caption-{image_id}")
+    objects = scene["objects"]
+    n = len(objects)
+    parts = [rng.choice(OPENINGS).format(n=COUNT_WORDS[n], are="is" if n == 1 else "are")]
+    for obj in objects:
+        a = article(obj["size"])
+        parts.append(rng.choice(OBJECT_PHRASES).format(
+            a=a, A=a.capitalize(), size=obj["size"], colour=obj["colour"], shape=obj["shape"],
+            position=obj["position"]))
+    for rel in scene["relations"]:
+        s, o = objects[rel["subject"]], objects[rel["object"]]
+        # Name objects by colour and shape: unique enough in a scene of at most a few shapes.
+        s_name, o_name = f"{s['colour']} {s['shape']}", f"{o['colour']} {o['shape']}"
+        parts.append(rng.choice(RELATION_PHRASES).format(
+            s=s_name, o=o_name, relation=relation_words(rel["relation"]),
+            inverse=relation_words(INVERSE[rel["relation"]])))
+    return " ".join(parts)
+
+
+class HFCaptioner:
+    """Greedy captions from a transformers image-text-to-text model."""
+
+    def __init__(self, cfg: CaptionerConfig, device: str | None = None) -> None:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        if not cfg.model:
+            raise ValueError("config.data.captioner.model: the hf backend needs a local path or "
+                             "hub id of an image-text-to-text model")
+        self.cfg = cfg
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.processor = AutoProcessor.from_pretrained(cfg.model)
+        # bf16 on GPU: a 26B captioner does not fit in fp32; the CPU (tests) keeps fp32
+        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=dtype)
+        except ValueError:
+            # checkpoints registered only as vision-to-sequence models (transformers < 5 has
+            # that auto class; 5.x folded it into image-text-to-text and re-raises here)
+            import transformers
+            vision2seq = getattr(transformers, "AutoModelForVision2Seq", None)
+            if vision2seq is None:
+                raise
+            model = vision2seq.from_pretrained(cfg.model, dtype=dtype)
+        self.model = model.to(self.device).eval()
+        tokenizer = getattr(self.processor, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.padding_side = "left"  # decoder-only generation continues after the prompt
+        self.prompt = self._prompt(cfg.prompt)
+
+    def _prompt(self, text: str) -> str:
+        """Chat models get their chat template with an image slot; others the bare prompt."""
+        if getattr(self.processor, "chat_template", None):
+            messages = [{"role": "user", "content": [{"type": "image"},
+                                                     {"type": "text", "text": text}]}]
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return text
+
+    @torch.no_grad()
+    def __call__(self, images: list[Image.Image]) -> list[str]:
+        inputs = self.processor(images=images, text=[self.prompt] * len(images),
+                                return_tensors="pt", padding=True)
+        inputs = inputs.to(self.device, dtype=self.model.dtype)  # casts floating tensors only
+        out = self.model.generate(**inputs, max_new_tokens=self.cfg.max_new_tokens,
+                                  do_sample=False)  # (B, L_out)
+        prompt_ids = inputs["input_ids"]  # (B, L_in)
+        prompt_len = prompt_ids.shape[1]
+        captions = []
+        for row, prompt in zip(out, prompt_ids):
+            if row.shape[0] >= prompt_len and torch.equal(row[:prompt_len], prompt):
+                # decoder-only: the output repeats the prompt, keep what follows it
+                text = self.processor.decode(row[prompt_len:], skip_special_tokens=True)
+            else:
+                # e.g. BLIP: the output restarts from the prompt text without the prompt's end
+                # token; strip the prompt's text instead
+                text = self.processor.decode(row, skip_special_tokens=True)
+                prefix = self.processor.decode(prompt, skip_special_tokens=True).strip()
+                if prefix and text.strip().startswith(prefix):
+                    text = text.strip()[len(prefix):]
+            captions.append(" ".join(text.split()))
+        return captions
+
+
+def hf_captions(rows: list[dict], scenes_path: Path, out: Path,
+                cfg: CaptionerConfig) -> list[dict]:
+    """Caption `rows` shard by shard; shards already on disk are kept (resume after a kill)."""
+    shard_dir = out.with_name(out.name + ".shards")
+    shards = [rows[i:i + cfg.shard_size] for i in range(0, len(rows), cfg.shard_size)]
+    todo = [k for k in range(len(shards)) if not (shard_dir / f"{k:06d}.jsonl").exists()]
+    captioner = HFCaptioner(cfg) if todo else None
+    with tqdm(total=sum(len(shards[k]) for k in todo), desc="caption", unit="img") as bar:
+        for k in todo:
+            captioned = []
+            for i in range(0, len(shards[k]), cfg.batch_size):
+                batch = shards[k][i:i + cfg.batch_size]
+                images = []
+                for r in batch:
+                    with Image.open(resolve_image(r["image"], scenes_path)) as img:
+                        images.append(img.convert("RGB"))
+                captioned += [{"id": r["id"], "image": r["image"], "caption": c}
+                              for r, c in zip(batch, captioner(images))]
+                bar.update(len(batch))
+            atomic_write_jsonl(shard_dir / f"{k:06d}.jsonl", captioned)
+    return [row for k in range(len(shards)) for row in read_jsonl(shard_dir / f"{k:06d}.jsonl")]
+
+
+def caption_file(scenes_path: Path, out: Path, cfg: CaptionerConfig, policy: str) -> int:
+    """Write `out` from `scenes_path`; returns the number of captions written."""
+    rows = read_jsonl(scenes_path)
+    bad = BadInputs(policy)
+    if cfg.backend == "scene":
+        for r in rows:
+            if r.get("scene") is None:
+                raise ValueError(f"{scenes_path}: record {r['id']} has no scene; the scene "
+                                 "backend needs the tiny world (use data.captioner.backend: hf)")
+        captioned = [{"id": r["id"], "image": r["image"],
+                      "caption": scene_caption(r["id"], r["scene"])} for r in rows]
+    else:
+        captioned = hf_captions(rows, scenes_path, out, cfg)
+    kept = []
+    for row in captioned:
+        if row["caption"].strip():
+            kept.append(row)
+        else:
+            bad.add(row["image"], "empty caption: the captioner returned no text")
+    atomic_write_jsonl(out, kept)
+    bad.finish(out.with_name(out.stem + ".bad_inputs.json"))
+    return len(kept)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Long captions for a scenes file.")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--scenes", required=True, type=Path, help="R/world/<split>/scenes.jsonl")
+    parser.add_argument("--out", required=True, type=Path, help="R/captions/<split>.jsonl")
+    args = parser.parse_args()
+    cfg = load_run(args.config)
+    n = caption_file(args.scenes, args.out, cfg.data.captioner, cfg.data.bad_input_policy)
+    print(f"wrote {n} captions to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
