@@ -216,7 +216,7 @@ def aggregate(raw: Mapping[str, Any], experiment: str, reference: Mapping[str, A
 
 
 def write_csv(frame: pd.DataFrame, out: str | Path) -> None:
-    with atomic_path(out, suffix=".csv") as tmp:
+    with atomic_path(out) as tmp:
         frame.to_csv(tmp, index=False, float_format="%.4g")
 
 

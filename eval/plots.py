@@ -146,7 +146,7 @@ def draw(experiment: str, frame: pd.DataFrame, reference: Mapping[str, Any],
 def save(fig: plt.Figure, outputs: Sequence[str | Path]) -> None:
     """Write each output atomically, its format from its suffix (png, pdf)."""
     for out in map(Path, outputs):
-        with atomic_path(out, suffix=out.suffix) as tmp:
+        with atomic_path(out) as tmp:
             fig.savefig(tmp, format=out.suffix.lstrip("."), dpi=150)
     plt.close(fig)
 

@@ -17,12 +17,15 @@ from typing import Any, Iterable, Iterator
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temp path in the target's directory; on success move it onto `target`."""
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path in the target's directory; on success move it onto `target`.
+
+    The temp name is hidden and ends in `.partial`, never in the target's extension: a reader
+    that globs `*.png` (torch-fidelity walks a folder by extension) must not take a file left
+    by a kill for a complete one. Writers therefore name the format explicitly."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".tmp",
-                               dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -40,7 +40,7 @@ def save_latents(path: str | Path, latents: torch.Tensor, ids: list[str], codec_
     if latents.shape[0] != len(ids):
         raise ValueError(f"{len(ids)} ids for {latents.shape[0]} latents")
     metadata = {"ids": json.dumps(ids), "codec": json.dumps(codec_cfg, sort_keys=True)}
-    with atomic_path(path, suffix=".safetensors") as tmp:
+    with atomic_path(path) as tmp:
         save_file({"latents": latents.contiguous()}, str(tmp), metadata=metadata)
 
 

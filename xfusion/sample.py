@@ -29,7 +29,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from xfusion.config import EvaluationConfig, load_run
-from xfusion.io import atomic_path, atomic_write_jsonl, read_jsonl
+from xfusion.data import save_png
+from xfusion.io import atomic_write_jsonl, read_jsonl
 from xfusion.model.sequence import caption_tokens, prompt_tokens
 from xfusion.model.towers import KVCache
 from xfusion.model.xfusion import XFusionModel
@@ -154,11 +155,10 @@ def generate_captions(model: XFusionModel, latents: torch.Tensor, max_new_tokens
 
 
 # -- files ---------------------------------------------------------------------------------------
-def save_png(pixels: torch.Tensor, path: Path) -> None:
-    """(3, H, W) in [-1, 1] -> an RGB PNG, written atomically."""
+def save_pixels(pixels: torch.Tensor, path: Path) -> None:
+    """(3, H, W) in [-1, 1] -> an RGB PNG, written atomically without metadata."""
     array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    with atomic_path(path, suffix=".png") as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
+    save_png(Image.fromarray(array), path)
 
 
 def encode_caption(model: XFusionModel, text: str) -> list[int]:
@@ -188,7 +188,7 @@ def sample_t2i(model: XFusionModel, ev: EvaluationConfig, prompts: Path, out_dir
         with torch.no_grad():
             pixels = codec.decode(latents)
         for e, px in zip(batch, pixels):
-            save_png(px, out_dir / e["file"])
+            save_pixels(px, out_dir / e["file"])
     atomic_write_jsonl(out_dir / "index.jsonl", entries)
 
 

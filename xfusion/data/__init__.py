@@ -37,7 +37,7 @@ def save_png(img: Image.Image, target: str | Path) -> None:
     """Atomic PNG write without metadata (no timestamps), so equal pixels give equal bytes."""
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=False, compress_level=6)
-    with atomic_path(target, suffix=".png") as tmp:
+    with atomic_path(target) as tmp:
         tmp.write_bytes(buf.getvalue())
 
 

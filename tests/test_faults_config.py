@@ -1,0 +1,110 @@
+"""Ten malformed configs, ten clear errors before any job: `snakemake -n` on a broken copy of
+config/tiny.yaml exits non-zero, names the offending key, and writes nothing under results_dir.
+
+The ten dry runs are started together (each is a Snakefile parse, a few seconds) and bounded by
+one deadline."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from xfusion.config import apply_overrides, load_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = REPO / ".venv" / "bin" / "snakemake"
+DEADLINE_S = 150
+VALID = "valid"  # the control: the config unbroken
+
+
+def _drop(key):
+    def edit(raw):
+        del raw[key]
+    return edit
+
+
+def _runs(experiment, runs):
+    def edit(raw):
+        raw["experiments"][experiment]["runs"].update(runs)
+    return edit
+
+
+def _set(overrides):
+    def edit(raw):
+        raw.update(apply_overrides(raw, overrides))
+    return edit
+
+
+# name: (edit of the parsed tiny config, text the error must contain: the offending key)
+CASES = {
+    "unknown_architecture": (_set({"model.architecture": "triple_tower"}), "model.architecture"),
+    "t2i_ratio_above_one": (_set({"training.t2i_ratio": 1.4}), "training.t2i_ratio"),
+    "negative_steps": (_set({"training.steps": -5}), "training.steps"),
+    "missing_results_dir": (_drop("results_dir"), "results_dir"),
+    "eval_step_beyond_steps": (_set({"training.eval_steps": [200, 800]}), "training.eval_steps"),
+    "unknown_key": (_set({"training.learning_rate": 0.1}), "training.learning_rate"),
+    "wrong_type": (_set({"training.steps": "many"}), "training.steps"),
+    "image_size_not_divisible": (_set({"data.image_size": 30}), "data.image_size"),
+    "run_override_bad_key": (_runs("table1", {"gated_tower": {"model.architecure": "gated_tower"}}),
+                             "architecure"),
+    "run_name_two_meanings": (_runs("figure5", {"dual_tower": {"training.t2i_ratio": 0.5}}),
+                              "dual_tower"),
+}
+
+
+@pytest.fixture(scope="module")
+def dry_runs(tmp_path_factory) -> dict:
+    """Start every broken config's `snakemake -n` at once; collect (returncode, output, R)."""
+    if not SNAKEMAKE.exists():
+        pytest.skip(f"{SNAKEMAKE} is not installed")
+    root = tmp_path_factory.mktemp("broken_configs")
+    base = load_yaml(REPO / "config" / "tiny.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    procs = {}
+    for name, (edit, _) in {**CASES, VALID: (lambda raw: None, "")}.items():
+        raw = copy.deepcopy(base)
+        R = root / name / "results"
+        raw["results_dir"] = str(R)  # absolute: a config that got through would write here
+        edit(raw)
+        config = root / name / "config.yaml"
+        config.parent.mkdir()
+        config.write_text(yaml.safe_dump(raw, sort_keys=False))
+        procs[name] = (subprocess.Popen(
+            [str(SNAKEMAKE), "-n", "--cores", "1", "results/table1.csv", "--configfile",
+             str(config)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True), R)
+    deadline = time.monotonic() + DEADLINE_S
+    out = {}
+    for name, (proc, R) in procs.items():
+        try:
+            text, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for p, _ in procs.values():
+                p.kill()
+            pytest.fail(f"snakemake -n did not finish within {DEADLINE_S} s ({name})")
+        out[name] = (proc.returncode, text, R)
+    return out
+
+
+def test_the_valid_config_passes_the_same_dry_run(dry_runs):
+    """The control, run beside the ten: the unbroken config (with a tmp results_dir) is
+    accepted, so the failures below come from the ten edits."""
+    returncode, output, _ = dry_runs[VALID]
+    assert returncode == 0, output[-2000:]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_malformed_config_stops_before_any_job_naming_the_key(name, dry_runs):
+    returncode, output, R = dry_runs[name]
+    key = CASES[name][1]
+    assert returncode != 0, f"{name}: snakemake -n accepted it\n{output[-2000:]}"
+    assert key in output, f"{name}: the error does not name {key!r}\n{output[-2000:]}"
+    assert "Traceback" not in output, f"{name}: a traceback, not a clear error\n{output[-2000:]}"
+    assert "Job stats" not in output and "rule " not in output  # no job was planned
+    assert not R.exists(), f"{name}: {R} was written"
