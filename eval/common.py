@@ -1,0 +1,88 @@
+"""Shared plumbing of the metric entry points: CLI arguments, the metric JSON, image and
+evaluator loading.
+
+Every `python -m eval.<metric>` writes one JSON (docs/INTERFACES.md, "Metrics"):
+`{"metric", "value", "run", "step", "n", "details"}`, atomically. Evaluators are named in the
+config either by a pretrained path / hub id (paper scale) or by `judge_clip` / `judge_itm`, the
+tiny-scale stand-ins that `eval.judges` trains into `R/judges/{clip,itm}/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from xfusion.config import RunConfig, load_run
+from xfusion.data import resolve_image
+from xfusion.io import atomic_write_json, read_jsonl
+
+# Names in `evaluation.{clip_model, itm_model, fid_extractor, bertscore_model}` that mean "the
+# judge trained by eval.judges" rather than a pretrained checkpoint; value = its subdirectory.
+JUDGES = {"judge_clip": "clip", "judge_itm": "itm"}
+
+
+def metric_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every metric shares; each module adds its inputs."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", required=True, help="config/<scale>.yaml")
+    p.add_argument("--run", default=None, help="run name (applies its overrides; recorded)")
+    p.add_argument("--step", type=int, default=None, help="training step (recorded)")
+    p.add_argument("--judges", default=None, help="R/judges: where judge_clip / judge_itm live")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", required=True, help="metric JSON to write")
+    return p
+
+
+def load_config(args: argparse.Namespace) -> RunConfig:
+    return load_run(args.config, args.run)
+
+
+def write_metric(out: str | Path, metric: str, value: float, *, run: str | None,
+                 step: int | None, n: int, details: dict[str, Any] | None = None) -> dict:
+    """Write the metric JSON of docs/INTERFACES.md atomically and return it."""
+    record = {"metric": metric, "value": float(value), "run": run, "step": step, "n": int(n),
+              "details": details or {}}
+    atomic_write_json(out, record)
+    return record
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_evaluator(name: str, judges: str | Path | None) -> str:
+    """A config's evaluator name -> a directory or hub id that from_pretrained accepts."""
+    if name not in JUDGES:
+        return name
+    if judges is None:
+        raise SystemExit(f"evaluator {name!r} is a pipeline-trained judge: pass --judges R/judges "
+                         "(written by `python -m eval.judges`)")
+    path = Path(judges) / JUDGES[name]
+    if not (path / "config.json").exists():
+        raise SystemExit(f"{path}: no judge here; run `python -m eval.judges --out {judges}` first")
+    return str(path)
+
+
+def load_images(paths: Sequence[str | Path]) -> list[Image.Image]:
+    return [Image.open(p).convert("RGB") for p in paths]
+
+
+def read_pairs(path: str | Path, text_key: str,
+               image_key: str = "image") -> tuple[list[Path], list[str], list[dict]]:
+    """(image paths, texts, rows) of a JSONL of image-text pairs (captions, samples index)."""
+    rows = read_jsonl(path)
+    if not rows:
+        raise SystemExit(f"{path}: empty; nothing to evaluate")
+    missing = [i for i, r in enumerate(rows) if text_key not in r or image_key not in r]
+    if missing:
+        raise SystemExit(f"{path}: line {missing[0] + 1} lacks {text_key!r} or {image_key!r}")
+    images = [resolve_image(r[image_key], path) for r in rows]
+    return images, [r[text_key] for r in rows], rows
+
+
+def batches(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]

@@ -1,0 +1,59 @@
+"""eval.clip_score: 100 * max(cos, 0) with a CLIPModel; the trained judge prefers true pairs."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from eval import clip_score
+from eval.common import load_images
+from test_judges import trained_judges
+from xfusion.io import atomic_write_jsonl, read_jsonl
+
+
+def heldout(root):
+    rows = read_jsonl(root / "world" / "heldout" / "scenes.jsonl")
+    caps = {r["id"]: r["caption"] for r in read_jsonl(root / "captions" / "heldout.jsonl")}
+    images = load_images([root / r["image"] for r in rows])
+    return images, [caps[r["id"]] for r in rows]
+
+
+def test_matching_pairs_score_higher_than_shuffled_pairs():
+    root, _ = trained_judges()
+    model, processor = clip_score.load_clip(str(root / "judges" / "clip"))
+    images, captions = heldout(root)
+    matched = clip_score.clip_scores(model, processor, images, captions)
+    shuffled = clip_score.clip_scores(model, processor, images, captions[1:] + captions[:1])
+    assert matched.mean() > shuffled.mean() + 5
+
+
+def test_scores_are_100_cos_clipped_at_zero():
+    root, _ = trained_judges()
+    model, processor = clip_score.load_clip(str(root / "judges" / "clip"))
+    images, captions = heldout(root)
+    img = clip_score.clip_features(model, processor, images=images[:8])
+    txt = clip_score.clip_features(model, processor, texts=captions[:8])
+    assert torch.allclose(img.norm(dim=-1), torch.ones(8), atol=1e-5)
+    cos = img @ txt.T  # (8, 8): every image against every caption
+    scores = clip_score.clip_scores(model, processor, images[:8] * 8,
+                                    [c for c in captions[:8] for _ in range(8)])
+    assert torch.allclose(scores, 100 * cos.T.reshape(-1).clamp(min=0), atol=1e-3)
+    assert (scores >= 0).all()
+
+
+def test_cli_reads_a_t2i_index_and_writes_the_metric_json(tmp_path):
+    root, config = trained_judges()
+    rows = read_jsonl(root / "world" / "heldout" / "scenes.jsonl")[:6]
+    caps = {r["id"]: r["caption"] for r in read_jsonl(root / "captions" / "heldout.jsonl")}
+    index = [{"index": i, "id": r["id"], "prompt": caps[r["id"]], "file": str(root / r["image"])}
+             for i, r in enumerate(rows)]
+    atomic_write_jsonl(tmp_path / "index.jsonl", index)
+    out = tmp_path / "clip.json"
+    clip_score.main(["--config", str(config), "--samples", str(tmp_path / "index.jsonl"),
+                     "--judges", str(root / "judges"), "--run", "dual_tower", "--step", "200",
+                     "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert set(record) == {"metric", "value", "run", "step", "n", "details"}
+    assert record["metric"] == "clip_score" and record["n"] == 6 and 0 < record["value"] <= 100
+    assert record["details"]["model"] == "judge_clip"
