@@ -17,7 +17,7 @@ over subjects) as well. Inputs: the hendrycks CSV layout, or cais/mmlu saved per
 (`<subject>/` holding a `datasets.save_to_disk` DatasetDict, or `dev-*.parquet` and
 `test-*.parquet`: columns question, choices, answer index).
 
-Frozen text towers give bit-identical text logits, hence identical MMLU: with `--reuse
+Frozen text towers give bit-identical text logits, hence identical MMLU: with `--base-result
 R/metrics/base/<name>/mmlu.json`, a run whose model preserves text (`XFusionModel.
 preserves_text`: frozen text weights, no gate on text) and whose model dir names a base model
 with the same `text_weight_hash` copies the base's score (`details.reused_from`); any other run
@@ -26,7 +26,7 @@ is scored.
     python -m eval.mmlu --config C --base-lm R/base_lm/<name>/base_model.json --data R/world/mmlu \
         --out R/metrics/base/<name>/mmlu.json
     python -m eval.mmlu --config C --run RUN --step STEP --model R/runs/RUN/steps/STEP \
-        --data R/world/mmlu [--reuse R/metrics/base/<name>/mmlu.json] --out .../mmlu.json
+        --data R/world/mmlu [--base-result R/metrics/base/<name>/mmlu.json] --out .../mmlu.json
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
     src.add_argument("--model", help="an X-Fusion model dir (R/runs/RUN/steps/STEP)")
     src.add_argument("--base-lm", help="R/base_lm/<name>/base_model.json")
     p.add_argument("--data", default=None, help="MMLU root (default: evaluation.mmlu_path)")
-    p.add_argument("--reuse", default=None, help="the base model's mmlu.json, reused for "
+    p.add_argument("--base-result", default=None, help="the base model's mmlu.json, reused for "
                    "runs whose text path is frozen and whose text_weight_hash matches")
     p.set_defaults(batch_size=8)
     args = p.parse_args(argv)
@@ -240,11 +240,11 @@ def main(argv: list[str] | None = None) -> dict:
         model, tokenizer = load_xfusion(args.model)
         # The model itself says whether its text-only logits are the base's (frozen text
         # weights, no gate on text positions); the hash says which base model that is.
-        if args.reuse and Path(args.reuse).exists() and model.preserves_text:
-            base = json.loads(Path(args.reuse).read_text())
+        if args.base_result and Path(args.base_result).exists() and model.preserves_text:
+            base = json.loads(Path(args.base_result).read_text())
             if base["details"].get("text_weight_hash") == text_hash:
                 return write_metric(args.out, "mmlu", base["value"], n=base["n"], **common,
-                                    details=base["details"] | {"reused_from": str(args.reuse)})
+                                    details=base["details"] | {"reused_from": str(args.base_result)})
         loglik = causal_lm_loglik(model.text_logits, model.llm.config.max_position_embeddings,
                                   args.batch_size)
     else:

@@ -169,7 +169,7 @@ def test_frozen_text_run_reuses_the_base_score_and_others_recompute(saved_runs):
     root = saved_runs
     base = mmlu.main(["--config", "config/tiny.yaml", "--base-lm", str(root / "base_model.json"),
                       "--data", str(root / "mmlu"), "--out", str(root / "base.json")])
-    common = ["--config", "config/tiny.yaml", "--data", str(root / "mmlu"), "--reuse",
+    common = ["--config", "config/tiny.yaml", "--data", str(root / "mmlu"), "--base-result",
               str(root / "base.json")]
     frozen = mmlu.main(common + ["--run", "dual_tower", "--model", str(root / "dual_tower"),
                                  "--out", str(root / "dual.json")])

@@ -31,12 +31,16 @@ rule base_lm:
 if uses_judges():
 
     rule judges:
-        """Train the tiny CLIP and ITM judges on held-out world data (FID features, CLIP score,
-        BLIP-2 ITM stand-ins)."""
+        """Train the tiny CLIP and ITM judges (FID features, CLIP score, BLIP-2 ITM stand-ins);
+        quality.json reports their accuracy on held-out pairs."""
         input:
             scenes=f"{R}/world/heldout/scenes.jsonl",
             images=f"{R}/world/heldout/images",
             captions=f"{R}/captions/heldout.jsonl",
+            # Fit on the train split's pairs (as CLIP never saw COCO val): the held-out pairs
+            # the judges score stay unseen by them; their quality is measured on held-out.
+            train_scenes=f"{R}/world/train/scenes.jsonl",
+            train_captions=f"{R}/captions/train.jsonl",
         output:
             directory(f"{R}/judges"),
         params:
@@ -50,4 +54,4 @@ if uses_judges():
         benchmark:
             bench("judges")
         shell:
-            "{params.py} -m eval.judges --config {params.config} --scenes {input.scenes} --captions {input.captions} --out {output} > {log} 2>&1"
+            "{params.py} -m eval.judges --config {params.config} --scenes {input.scenes} --captions {input.captions} --train-scenes {input.train_scenes} --train-captions {input.train_captions} --out {output} > {log} 2>&1"
