@@ -63,6 +63,7 @@ class BaseLMConfig:
     pretrain_batch_size: int = 32
     pretrain_lr: float = 3e-3
     pretrain_seq_len: int = 128
+    pretrain_warmup_steps: int = 50  # linear warm-up, then cosine decay to 0
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class RepaConfig:
     weight: float = 0.5
     encoder: str = "judge_clip"  # tiny: the pipeline's CLIP judge; paper: a CLIP path/hub id
     encoder_path: str | None = None
+    feature_dim: int = 64  # encoder feature width (tiny judge: judge_width; CLIP ViT-L/14: 1024)
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,8 @@ class DataConfig:
     mmlu_subjects: tuple[str, ...] = ("geography", "colours", "shapes", "arithmetic")
     mmlu_dev_per_subject: int = 5
     mmlu_test_per_subject: int = 40
+    mmlu_practice_per_question: int = 16  # corpus MC practice items per benchmark question
+    encode_batch_size: int = 64  # images per codec call when encoding latents
     max_caption_tokens: int = 64
     bad_input_policy: str = "skip"
     captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
@@ -167,6 +171,7 @@ class EvaluationConfig:
     sample_batch_size: int = 32
     caption_max_tokens: int = 48
     top_p: float | None = None  # None = greedy decoding
+    sample_shift: float = 1.0  # FlowMatchEulerDiscreteScheduler's timestep shift (SD3: 3.0)
     fid_extractor: str = "judge_clip"  # or "inception-v3-compat"
     fid_weights: str | None = None
     clip_model: str = "judge_clip"  # or a local path / hub id
@@ -180,6 +185,19 @@ class EvaluationConfig:
     probe_epochs: int = 30
     probe_batch_size: int = 256
     judge_steps: int = 600
+    # Tiny-scale judges (eval/judges.py): a CLIP dual encoder and a BLIP-2 ITM model trained
+    # offline by the pipeline; unused at paper scale, where pretrained evaluators are loaded.
+    judge_width: int = 64
+    judge_layers: int = 2
+    judge_patch_size: int = 4
+    judge_query_tokens: int = 8
+    judge_batch_size: int = 64
+    judge_lr: float = 1e-3
+    judge_val_fraction: float = 0.25  # held-out pairs kept from judge training to measure it
+    # Supp. Fig. E's BERTScore: "judge_clip" (the CLIP judge's text encoder) or a hub id/path
+    # (bert_score's default for English is roberta-large, layer 17).
+    bertscore_model: str = "judge_clip"
+    bertscore_layer: int = -1
 
 
 @dataclass(frozen=True)

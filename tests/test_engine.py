@@ -1,0 +1,94 @@
+"""The DeepSpeed engine on CPU (gloo, ZeRO-2): schedule, clipping, frozen params, exact resume."""
+
+import io
+
+import pytest
+import torch
+
+from xfusion.config import TrainingConfig
+from xfusion.engine import Engine, deepspeed_config, lr_factor
+
+TRAINING = TrainingConfig(steps=10, lr=1e-2, warmup_steps=4, grad_clip=1.0, zero_stage=2)
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    model[0].requires_grad_(False)  # a frozen "text tower"
+    return model
+
+
+def _engine(model: torch.nn.Module, training: TrainingConfig = TRAINING) -> Engine:
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": training.lr}]
+    return Engine(model, groups, training, micro_batch_size=8)
+
+
+def _train(engine: Engine, steps: range) -> list[float]:
+    losses = []
+    for step in steps:
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, 4, generator=g), torch.randn(8, 1, generator=g)
+        loss = (engine.module(x) - y).pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_lr_factor_warms_up_linearly_then_constant_or_cosine():
+    assert [lr_factor(s, 4, 10) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert lr_factor(4, 4, 10, "cosine") == 1.0
+    assert lr_factor(10, 4, 10, "cosine") == pytest.approx(0.0)
+    assert lr_factor(7, 0, 10, "none") == 1.0
+
+
+def test_deepspeed_config_follows_training_config():
+    cfg = deepspeed_config(TrainingConfig(grad_clip=0.5, zero_stage=2, precision="bf16"), 3)
+    assert cfg["train_micro_batch_size_per_gpu"] == 3
+    assert cfg["gradient_clipping"] == 0.5
+    assert cfg["zero_optimization"] == {"stage": 2}
+    assert cfg["bf16"] == {"enabled": True}
+    assert "bf16" not in deepspeed_config(TrainingConfig(precision="fp32"), 1)
+
+
+def test_engine_trains_only_trainable_params_with_warmup_lr():
+    model = _model()
+    frozen = model[0].weight.detach().clone()
+    engine = _engine(model)
+    before = model[2].weight.detach().clone()
+    _train(engine, range(1))
+    assert engine.lr == pytest.approx(TRAINING.lr * 2 / 4)  # after 1 step: factor (1 + 1) / 4
+    assert engine.grad_norm > 0
+    assert torch.equal(model[0].weight, frozen)
+    assert not torch.equal(model[2].weight, before)
+
+
+def test_resume_from_state_dict_is_bitwise_equal_to_uninterrupted():
+    full = _model()
+    _train(_engine(full), range(6))
+
+    first = _model()
+    engine = _engine(first)
+    _train(engine, range(3))
+    buf = io.BytesIO()
+    torch.save(engine.state_dict(), buf)  # checkpoint must be weights_only-loadable
+    weights = {k: v.clone() for k, v in first.state_dict().items()}
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+
+    resumed = _model(seed=1)  # different init: everything must come from the checkpoint
+    with torch.no_grad():
+        for name, p in resumed.named_parameters():
+            p.copy_(weights[name])
+    engine = _engine(resumed)
+    engine.load_state_dict(state)
+    assert engine.global_step == 3
+    _train(engine, range(3, 6))
+    for (name, a), b in zip(full.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_engine_rejects_groups_without_trainable_params():
+    model = _model()
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        Engine(model, [{"params": list(model[0].parameters())}], TRAINING, micro_batch_size=1)

@@ -1,0 +1,126 @@
+"""Tiny base-LM pretraining: step-addressed batches, the harness's MMLU prompt, exact resume,
+the outputs the model stage reads, and (slow) a clear margin over chance on the tiny MMLU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from xfusion import pretrain_lm
+from xfusion.config import apply_overrides, load_run, load_yaml
+from xfusion.data.world import write_text_data
+from xfusion.model.base import load_base_llm, text_weight_hash
+from xfusion.tokenizer import check_answer_letters, train_bpe
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = {
+    "model.base_lm.tiny": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                           "num_key_value_heads": 2, "intermediate_size": 64,
+                           "max_position_embeddings": 256},
+    "model.base_lm.pretrain_steps": 4,
+    "model.base_lm.pretrain_warmup_steps": 1,
+    "model.base_lm.pretrain_batch_size": 2,
+    "model.base_lm.pretrain_seq_len": 32,
+    "training.checkpoint_every": 2,
+    "training.log_every": 1,
+}
+
+
+def _config(root: Path, overrides: dict, name: str) -> Path:
+    path = root / name
+    raw = apply_overrides(load_yaml(REPO / "config" / "tiny.yaml"), overrides)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_world(tmp_path_factory) -> dict:
+    """The world's corpus and tiny MMLU (the data stage's code) and a BPE tokenizer on it."""
+    root = tmp_path_factory.mktemp("text")
+    cfg = load_run(REPO / "config" / "tiny.yaml")
+    write_text_data(root / "world", cfg.data, cfg.seed)
+    corpus = root / "world" / "corpus.txt"
+    tok = train_bpe(corpus.read_text().splitlines(), cfg.data.tokenizer_vocab_size)
+    check_answer_letters(tok)
+    tok.save_pretrained(root / "tokenizer")
+    return {"root": root, "corpus": corpus, "mmlu": root / "world" / "mmlu",
+            "tokenizer": root / "tokenizer"}
+
+
+def test_window_batch_is_addressed_by_step_and_starts_with_bos():
+    stream = torch.arange(100, 200)
+    a = pretrain_lm.window_batch(stream, 7, 4, 16, bos_id=1, seed=0)
+    assert a.shape == (4, 16) and torch.all(a[:, 0] == 1)
+    assert torch.equal(a, pretrain_lm.window_batch(stream, 7, 4, 16, bos_id=1, seed=0))
+    assert not torch.equal(a, pretrain_lm.window_batch(stream, 8, 4, 16, bos_id=1, seed=0))
+    assert torch.all(a[:, 2:] - a[:, 1:-1] == 1)  # contiguous corpus windows
+
+
+def test_mmlu_prompt_is_harness_five_shot_format(text_world):
+    items = pretrain_lm.mmlu_prompts(text_world["mmlu"], shots=5)
+    subject, prompt, gold = items[0]
+    assert prompt.startswith(f"The following are multiple choice questions (with answers) about "
+                             f"{subject}.\n\n")
+    assert prompt.count("\nAnswer: ") == 5  # five solved dev items
+    assert prompt.endswith("\nD. " + prompt.split("\nD. ")[-1].split("\n")[0] + "\nAnswer:")
+    assert gold in range(4)
+    assert len(items) == 4 * 40
+
+
+def test_interrupted_pretraining_resumes_to_identical_weights(text_world, tmp_path, monkeypatch):
+    config = _config(tmp_path, SMALL, "small.yaml")
+    cfg = load_run(config)
+    args = (text_world["tokenizer"], text_world["corpus"], text_world["mmlu"])
+    pretrain_lm.pretrain(cfg, *args, tmp_path / "full")
+
+    # Fail at step 4, after the step-2 checkpoint; the rerun resumes from it.
+    original = pretrain_lm.window_batch
+
+    def fail_at_step_3(stream, step, *rest):
+        if step == 3:
+            raise KeyboardInterrupt("killed")
+        return original(stream, step, *rest)
+
+    monkeypatch.setattr(pretrain_lm, "window_batch", fail_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_lm.pretrain(cfg, *args, tmp_path / "resumed")
+    monkeypatch.setattr(pretrain_lm, "window_batch", original)
+    assert (tmp_path / "resumed" / "checkpoints" / "step_2").is_dir()
+    pretrain_lm.pretrain(cfg, *args, tmp_path / "resumed")
+
+    a = load_file(str(tmp_path / "full" / "hf" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "hf" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # The outputs the model stage reads: base_model.json whose hash matches the loaded model.
+    ref = json.loads((tmp_path / "full" / "base_model.json").read_text())
+    llm, tok = load_base_llm(tmp_path / "full" / "base_model.json")
+    assert ref["text_weight_hash"] == text_weight_hash(llm)
+    assert len(tok) == llm.config.vocab_size
+    result = json.loads((tmp_path / "full" / "pretrain_mmlu.json").read_text())
+    assert result["metric"] == "mmlu" and result["n"] == 160
+
+
+@pytest.mark.slow
+def test_tiny_base_lm_beats_chance_on_tiny_mmlu(text_world, tmp_path):
+    """The tiny recipe of config/tiny.yaml, run as users run it (python -m, OMP 2 threads)."""
+    out = tmp_path / "base_lm"
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "xfusion.pretrain_lm", "--config", str(REPO / "config/tiny.yaml"),
+         "--tokenizer", str(text_world["tokenizer"]), "--corpus", str(text_world["corpus"]),
+         "--mmlu", str(text_world["mmlu"]), "--out", str(out)],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "pretrain_mmlu.json").read_text())
+    print(f"tiny MMLU {result['value']:.3f} (chance 0.25) in {time.perf_counter() - start:.0f}s")
+    assert result["value"] >= 0.40  # 160 items: chance gives > 0.31 with p < 0.05 only

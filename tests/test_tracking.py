@@ -1,0 +1,69 @@
+"""MLflow tracking: experiment per group, run per variant, reopened by id; failures warn once."""
+
+import warnings
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from xfusion import tracking
+from xfusion.config import load_run, load_yaml
+
+CONFIG = Path(__file__).resolve().parents[1] / "config" / "tiny.yaml"
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path / "tiny" / "runs" / "dual_tower"
+
+
+def test_flatten_gives_dotted_string_params():
+    assert tracking.flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {
+        "a.b": "1", "a.c.d": "[1, 2]", "e": "None"}
+
+
+def test_experiment_of_is_first_group_declaring_the_run():
+    raw = load_yaml(CONFIG)
+    assert tracking.experiment_of(raw, "dual_tower") == "table1"
+    assert tracking.experiment_of(raw, "noise_25") == "figure6"
+
+
+def test_run_is_listed_with_params_metrics_and_reopened_by_id(run_dir):
+    cfg = load_run(CONFIG, "dual_tower")
+    tracker = tracking.start_run(run_dir, cfg, "table1")
+    tracker.log_metrics({"loss": 2.0, "lr": 1e-3}, step=1)
+    tracker.log_metrics({"loss": 1.5, "lr": 1e-3}, step=2)
+    tracker.finish()
+    run_id = (run_dir / tracking.RUN_ID_FILE).read_text().strip()
+    assert tracking.tracking_uri(run_dir) == f"sqlite:///{run_dir.parent.parent / 'mlruns.db'}"
+
+    # A later process (resume or eval) logs into the same run.
+    tracking.log_metrics(run_dir, {"fid": 40.0}, step=2)
+
+    client = MlflowClient(tracking.tracking_uri(run_dir))
+    exp = client.get_experiment_by_name("table1")
+    runs = client.search_runs([exp.experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]
+    run = runs[0]
+    assert run.info.run_name == "dual_tower"
+    assert run.data.tags["scale"] == "tiny"
+    assert run.data.params["training.lr"] == str(cfg.training.lr)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [
+        (1, 2.0), (2, 1.5)]
+    assert run.data.metrics["fid"] == 40.0
+    assert client.list_artifacts(run_id)[0].path == "config.json"
+
+
+def test_unwritable_store_warns_once_and_calls_become_noops(run_dir, tmp_path, monkeypatch):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{blocker}/mlruns.db")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker = tracking.start_run(run_dir, load_run(CONFIG, "dual_tower"), "table1")
+        for step in range(3):
+            tracker.log_metrics({"loss": 1.0}, step)
+        tracker.finish()
+    mlflow_warnings = [w for w in caught if "MLflow tracking disabled" in str(w.message)]
+    assert len(mlflow_warnings) == 1

@@ -1,0 +1,261 @@
+"""xfusion.train end to end on a tiny world: resume after SIGKILL is bitwise exact, the loss goes
+down with frozen text weights untouched, MLflow holds the run, failures stop or warn cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from xfusion import checkpoint, train
+from xfusion.caption import caption_file
+from xfusion.codec import build_codec
+from xfusion.config import apply_overrides, load_run, load_yaml
+from xfusion.data import resolve_image
+from xfusion.data.mixing import MixedStream, read_captions
+from xfusion.data.world import write_split
+from xfusion.io import read_jsonl
+from xfusion.latents import encode_images, load_latents, save_latents
+from xfusion.model import LossOutput, XFusionModel
+from xfusion.model.base import build_tiny_llama, text_weight_hash
+from xfusion.tokenizer import load_tokenizer, train_bpe
+from xfusion.tracking import tracking_uri
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 12
+OVERRIDES = {
+    "data.n_train": 24,
+    "data.max_caption_tokens": 24,
+    "model.base_lm.tiny": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                           "num_key_value_heads": 2, "intermediate_size": 64,
+                           "max_position_embeddings": 128},
+    "training.steps": STEPS,
+    "training.tokens_per_batch": 4 * (16 + 24 + 4),  # 4 samples of up to 44 tokens
+    "training.lr": 3e-3,
+    "training.warmup_steps": 2,
+    "training.checkpoint_every": 3,
+    "training.keep_last": 2,
+    "training.eval_steps": [6, STEPS],
+    "training.log_every": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """A tiny world built with the data stage's own code: images, captions, tokenizer, latents,
+    and a random 2-layer base Llama with its base_model.json (pretraining is not under test)."""
+    root = tmp_path_factory.mktemp("tiny")
+    config = root / "tiny.yaml"
+    raw = apply_overrides(load_yaml(REPO / "config/tiny.yaml"), OVERRIDES)
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))  # experiment order matters
+    cfg = load_run(config, "dual_tower")
+    R = root / "results"
+    write_split(R / "world", "train", cfg.data.n_train, cfg.data, cfg.seed)
+    captions = R / "captions" / "train.jsonl"
+    caption_file(R / "world" / "train" / "scenes.jsonl", captions, cfg.data.captioner, "stop")
+    rows = read_jsonl(captions)
+    tok = train_bpe([r["caption"] for r in rows], vocab_size=300)
+    tok.save_pretrained(R / "tokenizer")
+    tok = load_tokenizer(R / "tokenizer")
+    latents = encode_images([resolve_image(r["image"], captions) for r in rows],
+                            build_codec(cfg.model.codec), cfg.data.image_size, 16,
+                            torch.device("cpu"))
+    save_latents(R / "latents" / "train.safetensors", latents, [r["id"] for r in rows], {})
+    torch.manual_seed(0)
+    llm = build_tiny_llama(cfg.model.base_lm.tiny, len(tok), tok.bos_token_id, tok.eos_token_id,
+                           tok.pad_token_id)
+    base = R / "base_lm" / "tiny_base"
+    llm.save_pretrained(base / "hf")
+    tok.save_pretrained(base / "hf")
+    (base / "base_model.json").write_text(json.dumps(
+        {"path": "hf", "tokenizer": "hf", "text_weight_hash": text_weight_hash(llm)}))
+    return {"config": config, "R": R, "base_lm": base / "base_model.json",
+            "latents": R / "latents" / "train.safetensors", "captions": captions}
+
+
+def _argv(world: dict, out: Path, run: str = "dual_tower") -> list[str]:
+    return ["--config", str(world["config"]), "--run", run, "--base-lm", str(world["base_lm"]),
+            "--latents", str(world["latents"]), "--captions", str(world["captions"]),
+            "--out", str(out)]
+
+
+def _subprocess(world: dict, out: Path) -> subprocess.Popen:
+    # A fresh single-process job: drop the rendezvous variables that an in-process run (an
+    # earlier test) exported, whose MASTER_PORT that process still holds.
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                "MLFLOW_TRACKING_URI")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-m", "xfusion.train", *_argv(world, out)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    return output
+
+
+def test_stream_is_addressed_by_step_and_mixes_by_ratio(world):
+    cfg = load_run(world["config"], "dual_tower")
+    latents, ids = load_latents(world["latents"])
+    tok = load_tokenizer(world["R"] / "tokenizer")
+    stream = MixedStream(latents, read_captions(world["captions"], ids), tok, cfg)
+    assert stream.seq_len == 16 + 24 + 4 and stream.batch_size == 4
+    again = MixedStream(latents, read_captions(world["captions"], ids), tok, cfg)
+    later, _ = again.batch(7)  # straight to step 7, as a resumed run does
+    for step in range(8):
+        samples, plan = stream.batch(step)
+    assert [(s.task, s.t, s.caption_ids) for s in samples] == [
+        (s.task, s.t, s.caption_ids) for s in later]
+    plans = [stream.plan(s) for s in range(300)]
+    t2i = torch.cat([p.is_t2i for p in plans]).float().mean().item()
+    assert abs(t2i - cfg.training.t2i_ratio) < 0.05
+    assert all(p.t2i_tokens + p.i2t_tokens <= cfg.training.tokens_per_batch for p in plans)
+    clean = torch.cat([p.t[~p.is_t2i] for p in plans])
+    assert torch.all(clean == 0)  # i2t_noise_max 0: clean images for captioning
+    epoch = torch.cat([p.index for p in plans[:6]])  # 6 batches of 4 = one pass over 24 images
+    assert sorted(epoch.tolist()) == list(range(24))
+
+
+def test_sigkill_then_rerun_ends_bitwise_equal_to_uninterrupted_run(world, tmp_path):
+    full = tmp_path / "full" / "runs" / "dual_tower"
+    _finish(_subprocess(world, full))
+
+    killed = tmp_path / "killed" / "runs" / "dual_tower"
+    proc = _subprocess(world, killed)
+    deadline = time.time() + 300
+    while checkpoint.latest(killed / "checkpoints") is None and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "done.json").exists(), "the run finished before it could be killed"
+    output = _finish(_subprocess(world, killed))
+    assert "resuming dual_tower" in output
+
+    for step in (6, STEPS):
+        a = load_file(str(full / "steps" / str(step) / "trainable.safetensors"))
+        b = load_file(str(killed / "steps" / str(step) / "trainable.safetensors"))
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), (step, name)
+    log = [r["step"] for r in read_jsonl(killed / "train_log.jsonl")]
+    assert log == list(range(1, STEPS + 1))  # rows past the checkpoint were dropped, not doubled
+    last_killed, last_full = (read_jsonl(d / "train_log.jsonl")[-1] for d in (killed, full))
+    last_killed.pop("tokens_per_s"), last_full.pop("tokens_per_s")  # wall-clock, not state
+    assert last_killed == last_full
+    assert [s for s, _ in checkpoint.step_dirs(killed / "checkpoints")] == [6, 9]  # keep_last 2
+
+
+def test_dual_tower_loss_decreases_and_text_weights_stay_identical(world, tmp_path):
+    out = tmp_path / "R" / "runs" / "dual_tower"
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    done = train.train(train.parse_args(_argv(world, out)))
+    log = read_jsonl(out / "train_log.jsonl")
+    assert set(log[0]) == set(train.LOG_FIELDS)
+    first, last = (sum(r["loss"] for r in rows) / 3 for rows in (log[:3], log[-3:]))
+    assert last < first
+    assert log[-1]["t2i_tokens_seen"] > 0 and log[-1]["i2t_tokens_seen"] > 0
+    base_hash = json.loads(world["base_lm"].read_text())["text_weight_hash"]
+    assert done["text_weight_hash"] == base_hash  # measured on the trained model in memory
+    saved = load_file(str(out / "steps" / str(STEPS) / "trainable.safetensors"))
+    assert not any(name.startswith("llm.") for name in saved)  # the text tower is not trained
+    model = XFusionModel.load(out / "steps" / str(STEPS))
+    assert model.architecture == "dual_tower"
+
+    # MLflow: experiment "table1" (the first group declaring dual_tower) holds the run.
+    client = MlflowClient(tracking_uri(out))
+    exp = client.get_experiment_by_name("table1")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.run_name == "dual_tower"
+    assert run.info.run_id == (out / "mlflow_run_id.txt").read_text().strip()
+    assert run.data.params["model.architecture"] == "dual_tower"
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == STEPS
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(world, tmp_path,
+                                                                      monkeypatch):
+    original = XFusionModel.compute_loss
+    calls = {"n": 0}
+
+    def nan_at_step_5(self, batch):
+        calls["n"] += 1
+        out = original(self, batch)
+        return out if calls["n"] < 5 else LossOutput(out.loss * float("nan"), *out[1:])
+
+    monkeypatch.setattr(XFusionModel, "compute_loss", nan_at_step_5)
+    out = tmp_path / "R" / "runs" / "dual_tower"
+    with pytest.raises(FloatingPointError, match=r"step 5: loss is nan.*Last good checkpoint: "
+                                                 r".*step_3"):
+        train.train(train.parse_args(_argv(world, out)))
+    assert checkpoint.latest(out / "checkpoints").name == "step_3"
+    assert not (out / "done.json").exists()
+
+
+def test_unwritable_mlflow_store_warns_once_and_training_completes(world, tmp_path, monkeypatch):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{blocker}/mlruns.db")
+    out = tmp_path / "R" / "runs" / "dual_tower"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train.train(train.parse_args(_argv(world, out)))
+    assert (out / "done.json").is_file()
+    assert len([w for w in caught if "MLflow tracking disabled" in str(w.message)]) == 1
+
+
+def _clip_judge(path: Path, width: int) -> None:
+    """A tiny transformers CLIP (what python -m eval.judges saves under R/judges/clip)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    small = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                 num_attention_heads=2)
+    config = CLIPConfig(text_config=dict(vocab_size=32, **small),
+                        vision_config=dict(image_size=32, patch_size=4, **small),
+                        projection_dim=width)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+                       ).save_pretrained(path)
+
+
+def test_repa_targets_come_from_the_clip_judge_once_per_image(world, tmp_path, monkeypatch):
+    judges = tmp_path / "judges"
+    _clip_judge(judges / "clip", width=16)
+    raw = apply_overrides(load_yaml(world["config"]), {"model.repa.feature_dim": 16})
+    config = tmp_path / "repa.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    out = tmp_path / "R" / "runs" / "size_m_align_on"
+    argv = _argv({**world, "config": config}, out, run="size_m_align_on")
+    train.train(train.parse_args(argv + ["--judges", str(judges)]))
+
+    log = read_jsonl(out / "train_log.jsonl")
+    assert all(r["repa_loss"] > 0 for r in log)
+    targets = load_file(str(out / "repa_targets.safetensors"))["targets"]
+    assert targets.shape == (24, 16, 16)  # (images, 4x4 image tokens, CLIP width)
+
+    # Cached beside the run: a second use never runs the encoder.
+    monkeypatch.setattr(train, "encode_repa_targets", lambda *a, **k: pytest.fail("recomputed"))
+    cfg = load_run(config, "size_m_align_on")
+    _, ids = load_latents(world["latents"])
+    again = train.repa_targets(cfg, judges, world["captions"], ids, (8, 8),
+                               out / "repa_targets.safetensors")
+    assert torch.equal(again, targets)
+
+    wrong = load_run(world["config"], "size_m_align_on")  # tiny.yaml's width, not the judge's 16
+    with pytest.raises(SystemExit, match=r"feature_dim = \d+, but .* width 16: set it to 16"):
+        train.repa_targets(wrong, judges, world["captions"], ids, (8, 8),
+                           out / "repa_targets.safetensors")

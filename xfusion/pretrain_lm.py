@@ -1,0 +1,205 @@
+"""The base LLM: pretrain the tiny Llama on the world corpus (tiny), or name a pretrained one.
+
+`python -m xfusion.pretrain_lm --config C --run RUN --tokenizer R/tokenizer --corpus R/world/corpus.txt --mmlu R/world/mmlu --out R/base_lm/<name>`
+
+Tiny scale (`model.base_lm.source: tiny`): next-token prediction on the corpus packed as one
+token stream, windows of `pretrain_seq_len` tokens (each led by BOS, as every prompt is at
+evaluation), AdamW through the same DeepSpeed engine as X-Fusion training, linear warm-up then
+cosine decay. Checkpoints and automatic resume as in `xfusion.train`. Writes `hf/` (the
+LlamaForCausalLM and its tokenizer, safetensors), `base_model.json` and `pretrain_mmlu.json`: the
+tiny MMLU (5-shot, log-likelihood of " A".." D") measured on the result, which must be well above
+chance (25%) for the frozen-text-tower comparisons to mean anything.
+
+Paper scale (`source: pretrained`): nothing is trained; `base_model.json` names
+`model.base_lm.path`. Its `text_weight_hash` is computed by loading the weights on the CPU (a few
+GB for 1B-8B models, once per base model; every checkpoint then checks against it). The tokenizer
+is `data.tokenizer_path` adapted by xfusion.tokenizer (`--tokenizer R/tokenizer`).
+
+References: nanoGPT train.py (flat loop, packed token stream, cosine LR); lm-evaluation-harness
+`mmlu` (prompt "{description}{question}\\nA. ..\\nAnswer:", choices " A".." D").
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from xfusion import checkpoint
+from xfusion.config import RunConfig, load_run
+from xfusion.engine import Engine, rank
+from xfusion.io import atomic_dir, atomic_write_json
+from xfusion.model.base import build_tiny_llama, load_base_llm, text_weight_hash
+from xfusion.tokenizer import ANSWER_LETTERS, load_tokenizer
+
+LETTERS = "ABCD"
+
+
+# --- data: the corpus as one token stream --------------------------------------------------------
+
+def corpus_stream(tokenizer, corpus: Path) -> torch.Tensor:
+    """The whole corpus as one id stream (no BOS inside: each window gets its own)."""
+    ids = tokenizer(corpus.read_text(), add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def window_batch(stream: torch.Tensor, step: int, batch_size: int, seq_len: int, bos_id: int,
+                 seed: int) -> torch.Tensor:
+    """(B, seq_len) windows at random offsets, BOS first. Seeded by (seed, step), so a resumed
+    run draws exactly the batches an uninterrupted one would."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    starts = torch.randint(0, len(stream) - seq_len + 1, (batch_size,), generator=g)
+    body = torch.stack([stream[s:s + seq_len - 1] for s in starts.tolist()])  # (B, L-1)
+    return torch.cat([torch.full((batch_size, 1), bos_id), body], dim=1)  # (B, L)
+
+
+# --- tiny MMLU: 5-shot, log-likelihood of the answer letter ------------------------------------
+
+def _read_csv(path: Path) -> list[list[str]]:
+    with open(path, newline="") as fh:
+        return [row for row in csv.reader(fh) if row]
+
+
+def _format(row: list[str], with_answer: bool) -> str:
+    question, *options, answer = row
+    body = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
+    return f"{question}\n{body}\nAnswer:" + (f" {answer}" if with_answer else "")
+
+
+def mmlu_prompts(mmlu_dir: Path, shots: int) -> list[tuple[str, str, int]]:
+    """(subject, prompt, gold letter index) per test item, lm-evaluation-harness's format."""
+    items = []
+    for test_csv in sorted((mmlu_dir / "test").glob("*_test.csv")):
+        subject = test_csv.name[:-len("_test.csv")]
+        dev = _read_csv(mmlu_dir / "dev" / f"{subject}_dev.csv")[:shots]
+        header = (f"The following are multiple choice questions (with answers) about "
+                  f"{subject.replace('_', ' ')}.\n\n")
+        context = header + "".join(_format(row, True) + "\n\n" for row in dev)
+        for row in _read_csv(test_csv):
+            items.append((subject, context + _format(row, False), LETTERS.index(row[-1])))
+    if not items:
+        raise FileNotFoundError(f"{mmlu_dir}: no test/<subject>_test.csv files")
+    return items
+
+
+@torch.no_grad()
+def mmlu_accuracy(llm, tokenizer, mmlu_dir: Path, shots: int) -> dict:
+    """Accuracy overall and per subject: argmax of the next-token log-likelihood of " A".." D"."""
+    letter_ids = [tokenizer(letter, add_special_tokens=False)["input_ids"][0]
+                  for letter in ANSWER_LETTERS]
+    llm.eval()
+    correct: dict[str, list[bool]] = {}
+    for subject, prompt, gold in mmlu_prompts(mmlu_dir, shots):
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=llm.device)
+        logits = llm(input_ids=ids).logits[0, -1, letter_ids]
+        correct.setdefault(subject, []).append(int(logits.argmax()) == gold)
+    per_subject = {s: sum(c) / len(c) for s, c in correct.items()}
+    n = sum(len(c) for c in correct.values())
+    return {"metric": "mmlu", "value": sum(sum(c) for c in correct.values()) / n, "n": n,
+            "run": None, "step": None, "details": {"per_subject": per_subject, "shots": shots}}
+
+
+# --- the two scales ----------------------------------------------------------------------------
+
+def pretrain(cfg: RunConfig, tokenizer_dir: Path, corpus: Path, mmlu_dir: Path, out: Path) -> dict:
+    """Pretrain the tiny Llama with checkpoint/resume; returns the MMLU result."""
+    base = cfg.model.base_lm
+    # Setup: seed, tokenizer, model, engine.
+    torch.manual_seed(cfg.training.seed)
+    tok = load_tokenizer(tokenizer_dir)
+    llm = build_tiny_llama(base.tiny, len(tok), tok.bos_token_id, tok.eos_token_id,
+                           tok.pad_token_id)
+    training = dataclasses.replace(cfg.training, steps=base.pretrain_steps, lr=base.pretrain_lr,
+                                   warmup_steps=base.pretrain_warmup_steps)
+    engine = Engine(llm, [{"params": list(llm.parameters()), "lr": base.pretrain_lr}], training,
+                    micro_batch_size=base.pretrain_batch_size, lr_decay="cosine")
+    stream = corpus_stream(tok, corpus)
+    identity = {"variant": "pretrain_lm", "base_model_hash": None,
+                "base_lm": json.loads(json.dumps(dataclasses.asdict(base)))}
+    ckpt_dir, start = out / "checkpoints", 0
+    if (latest := checkpoint.latest(ckpt_dir)) is not None:  # resume after a kill
+        ckpt = checkpoint.load(latest, identity)
+        checkpoint.load_trainable_(llm, ckpt.weights)
+        engine.load_state_dict(ckpt.engine)
+        checkpoint.set_rng_state(ckpt.rng)
+        start = ckpt.step
+        print(f"resuming {out} from step {start}")
+
+    # Loop: flat and visible.
+    llm.train()
+    bar = tqdm(range(start, base.pretrain_steps), initial=start, total=base.pretrain_steps,
+               desc=f"pretrain {base.name}", disable=rank() != 0)
+    t0, tokens = time.perf_counter(), 0
+    for step in bar:
+        ids = window_batch(stream, step, base.pretrain_batch_size, base.pretrain_seq_len,
+                           tok.bos_token_id, cfg.training.seed).to(engine.device)
+        loss = engine.module(input_ids=ids, labels=ids).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"pretrain step {step + 1}: loss is {loss.item()}; last good "
+                                     f"checkpoint: {checkpoint.latest(ckpt_dir)}")
+        engine.backward(loss)
+        engine.step()
+        tokens += ids.numel()
+        if (step + 1) % cfg.training.log_every == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{engine.lr:.2e}",
+                            tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+        if (step + 1) % cfg.training.checkpoint_every == 0 and step + 1 < base.pretrain_steps:
+            checkpoint.save(ckpt_dir, step + 1, model=llm, engine_state=engine.state_dict(),
+                            data_state={"step": step + 1}, meta=identity,
+                            keep_last=cfg.training.keep_last)
+
+    # Measure the result on the tiny MMLU, then save the HF model + tokenizer and the refs.
+    result = mmlu_accuracy(llm, tok, mmlu_dir, cfg.evaluation.mmlu_shots)
+    result["details"]["pretrain_steps"] = base.pretrain_steps
+    if rank() == 0:
+        with atomic_dir(out / "hf") as tmp:
+            llm.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        atomic_write_json(out / "pretrain_mmlu.json", result)
+        atomic_write_json(out / "base_model.json", {"path": "hf", "tokenizer": "hf",
+                                                    "text_weight_hash": text_weight_hash(llm)})
+    return result
+
+
+def name_pretrained(cfg: RunConfig, tokenizer_dir: Path, out: Path) -> None:
+    """Paper scale: base_model.json for `model.base_lm.path`, hash from its loaded weights."""
+    ref = {"path": cfg.model.base_lm.path, "tokenizer": str(tokenizer_dir), "text_weight_hash": ""}
+    out.mkdir(parents=True, exist_ok=True)
+    probe = out / ".base_model.probe.json"
+    atomic_write_json(probe, ref)
+    try:
+        llm, _ = load_base_llm(probe)  # the loader training uses, so dtype and hash agree
+    finally:
+        probe.unlink()
+    atomic_write_json(out / "base_model.json", {**ref, "text_weight_hash": text_weight_hash(llm)})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--run", default=None, help="a run of config.experiments (its base_lm)")
+    parser.add_argument("--tokenizer", required=True, type=Path, help="R/tokenizer")
+    parser.add_argument("--corpus", required=True, type=Path, help="R/world/corpus.txt")
+    parser.add_argument("--mmlu", required=True, type=Path, help="R/world/mmlu")
+    parser.add_argument("--out", required=True, type=Path, help="R/base_lm/<name>")
+    args = parser.parse_args()
+    cfg = load_run(args.config, args.run)
+    if cfg.model.base_lm.source == "pretrained":
+        name_pretrained(cfg, args.tokenizer, args.out)
+        print(f"wrote {args.out / 'base_model.json'} for {cfg.model.base_lm.path}")
+        return
+    start = time.perf_counter()
+    result = pretrain(cfg, args.tokenizer, args.corpus, args.mmlu, args.out)
+    print(f"{cfg.model.base_lm.name}: tiny MMLU {result['value']:.3f} over {result['n']} items "
+          f"(chance 0.25), {time.perf_counter() - start:.0f}s; per subject "
+          + ", ".join(f"{s} {a:.2f}" for s, a in result["details"]["per_subject"].items()))
+
+
+if __name__ == "__main__":
+    main()

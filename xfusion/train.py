@@ -1,0 +1,268 @@
+"""Train one X-Fusion variant on stored latents: a flat loop, the engine applied from outside.
+
+`python -m xfusion.train --config C --run RUN --base-lm R/base_lm/<name>/base_model.json --latents R/latents/train.safetensors --captions R/captions/train.jsonl [--judges R/judges] --out R/runs/RUN`
+
+Writes into `--out` (docs/INTERFACES.md): `steps/<step>/` (a model dir per `training.eval_steps`),
+`checkpoints/step_<N>/` (every `training.checkpoint_every` steps, last `keep_last` kept),
+`train_log.jsonl` (every `log_every` steps), `mlflow_run_id.txt`, `repa_targets.safetensors`
+(REPA runs: encoder features, computed once per image) and finally `done.json`.
+
+Resume is automatic: rerunning the same command after a kill (SIGTERM or SIGKILL) continues from
+the newest complete checkpoint. Model weights, optimizer, LR schedule, RNG states and the data
+position (the stream is addressed by step) all come back, so on CPU in fp32 the final weights are
+bitwise those of an uninterrupted run. A non-finite loss stops the run before the update, with
+the last good checkpoint left in place.
+
+References: nanoGPT train.py (flat loop: setup, data, model, optimizer, loop, checkpoint);
+DiT train.py; X-Fusion Sec. 4 (recipe), Supp. A (REPA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from xfusion import checkpoint
+from xfusion.config import FROZEN_TEXT_ARCHITECTURES, RunConfig, load_run, load_yaml
+from xfusion.data.mixing import MixedStream, read_captions
+from xfusion.engine import Engine, rank, setup_distributed, world_size
+from xfusion.io import atomic_write_json, atomic_write_jsonl, read_jsonl
+from xfusion.latents import load_latents
+from xfusion.model import XFusionModel
+from xfusion.model.base import load_base_llm, text_weight_hash
+from xfusion.tracking import experiment_of, start_run
+
+LOG_FIELDS = ("step", "loss", "ar_loss", "dm_loss", "repa_loss", "lr", "grad_norm",
+              "tokens_per_s", "t2i_tokens_seen", "i2t_tokens_seen")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="config/<scale>.yaml")
+    p.add_argument("--run", required=True, help="a run of config.experiments")
+    p.add_argument("--base-lm", required=True, type=Path, help="R/base_lm/<name>/base_model.json")
+    p.add_argument("--latents", required=True, type=Path, help="R/latents/train.safetensors")
+    p.add_argument("--captions", required=True, type=Path, help="R/captions/train.jsonl")
+    p.add_argument("--judges", type=Path, default=None,
+                   help="R/judges (tiny REPA: the CLIP judge is the frozen encoder)")
+    p.add_argument("--experiment", default=None,
+                   help="MLflow experiment (default: the first config experiment with this run)")
+    p.add_argument("--out", required=True, type=Path, help="R/runs/RUN")
+    return p.parse_args(argv)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_base_ref(base_model_json: Path) -> dict:
+    """base_model.json with its paths made absolute where they are relative to the json's own
+    directory: the step model dirs copy this dict, and there a relative path would break."""
+    ref = json.loads(base_model_json.read_text())
+    for key in ("path", "tokenizer"):
+        local = base_model_json.parent / ref[key]
+        if not Path(ref[key]).exists() and local.exists():
+            ref[key] = str(local.resolve())
+    return ref
+
+
+# --- REPA targets: a frozen encoder's features, computed once per image ---------------------------
+
+def repa_encoder_path(cfg: RunConfig, judges: Path | None) -> str:
+    repa = cfg.model.repa
+    if repa.encoder == "judge_clip":
+        if judges is None:
+            raise SystemExit("config.model.repa.encoder = 'judge_clip' needs --judges R/judges "
+                             "(python -m eval.judges)")
+        return str(judges / "clip")
+    return repa.encoder_path or repa.encoder
+
+
+@torch.no_grad()
+def encode_repa_targets(encoder: str, images: list[Path], grid: tuple[int, int],
+                        batch_size: int = 64) -> torch.Tensor:
+    """(N, P, F) penultimate CLIP vision features, one per image token: the patch features
+    (CLS dropped) average-pooled onto the model's `grid` of image tokens (REPA's per-token
+    alignment; at paper scale ViT-L/14 at 224 px gives 16x16 patches, the 256 px / 8 / 2 grid)."""
+    from PIL import Image
+    from transformers import AutoImageProcessor, CLIPModel
+
+    # The whole CLIPModel (a judge dir, or a hub CLIP) then its vision tower: loading the vision
+    # class alone from a CLIPModel checkpoint works but lists every text weight as unexpected.
+    model = CLIPModel.from_pretrained(encoder).vision_model.eval()
+    processor = AutoImageProcessor.from_pretrained(encoder)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(dev)
+    out = []
+    for i in tqdm(range(0, len(images), batch_size), desc="REPA targets", disable=rank() != 0):
+        pil = [Image.open(p).convert("RGB") for p in images[i:i + batch_size]]
+        pixels = processor(images=pil, return_tensors="pt")["pixel_values"].to(dev)
+        hidden = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        n, patches, dim = hidden.shape
+        side = int(round(patches ** 0.5))
+        maps = hidden.transpose(1, 2).reshape(n, dim, side, side)  # (n, F, s, s)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(maps, grid)  # (n, F, gh, gw)
+        out.append(pooled.flatten(2).transpose(1, 2).float().cpu())  # (n, P, F)
+    return torch.cat(out)
+
+
+def repa_targets(cfg: RunConfig, judges: Path | None, captions: Path, ids: list[str],
+                 latent_hw: tuple[int, int], cache: Path) -> torch.Tensor:
+    """REPA targets for the training images, from `cache` when it matches, else computed once
+    (rank 0) and cached beside the run: the encoder never runs per step."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from xfusion.data import resolve_image
+    from xfusion.io import atomic_path
+
+    encoder = repa_encoder_path(cfg, judges)
+    p = cfg.model.patch_size
+    grid = (latent_hw[0] // p, latent_hw[1] // p)
+    key = {"encoder": encoder, "ids": json.dumps(ids), "grid": json.dumps(grid)}
+    if rank() == 0 and not _cache_matches(cache, key, safe_open):
+        rows = {row["id"]: row["image"] for row in read_jsonl(captions)}
+        images = [resolve_image(rows[i], captions) for i in ids]
+        feats = encode_repa_targets(encoder, images, grid)
+        with atomic_path(cache) as tmp:
+            save_file({"targets": feats.contiguous()}, str(tmp), metadata=key)
+    if world_size() > 1:
+        torch.distributed.barrier()
+    with safe_open(str(cache), framework="pt") as fh:
+        feats = fh.get_tensor("targets")
+    if feats.shape[-1] != cfg.model.repa.feature_dim:
+        raise SystemExit(f"config.model.repa.feature_dim = {cfg.model.repa.feature_dim}, but "
+                         f"{encoder} gives features of width {feats.shape[-1]}: set it to "
+                         f"{feats.shape[-1]}")
+    return feats
+
+
+def _cache_matches(cache: Path, key: dict, safe_open) -> bool:
+    if not cache.is_file():
+        return False
+    with safe_open(str(cache), framework="pt") as fh:
+        return (fh.metadata() or {}) == key
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+def train(args: argparse.Namespace) -> dict:
+    # Setup: config, distributed, seeds, output dir.
+    cfg = load_run(args.config, args.run)
+    t = cfg.training
+    out: Path = args.out
+    if (out / "done.json").is_file():
+        print(f"{out}: already trained (done.json exists)")
+        return json.loads((out / "done.json").read_text())
+    setup_distributed()
+    seed_everything(t.seed)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # Model: the frozen base LLM wrapped as the variant.
+    base_ref = resolve_base_ref(args.base_lm)
+    llm, tokenizer = load_base_llm(args.base_lm)
+    if text_weight_hash(llm) != base_ref["text_weight_hash"]:
+        raise SystemExit(f"{args.base_lm}: the weights at {base_ref['path']} do not hash to its "
+                         "text_weight_hash; rerun python -m xfusion.pretrain_lm")
+    model = XFusionModel.from_base(cfg, llm, tokenizer, base_ref=base_ref)
+
+    # Data: stored latents + captions (+ REPA targets), mixed T2I/I2T by step.
+    latents, ids = load_latents(args.latents)
+    captions = read_captions(args.captions, ids)
+    feats = (repa_targets(cfg, args.judges, args.captions, ids, tuple(latents.shape[-2:]),
+                          out / "repa_targets.safetensors") if cfg.model.repa.enabled else None)
+    stream = MixedStream(latents, captions, tokenizer, cfg, feats, rank(), world_size())
+
+    # Engine: DeepSpeed ZeRO-2 around the model; AdamW over the trainable groups only.
+    engine = Engine(model, model.param_groups(t.lr), t, micro_batch_size=stream.batch_size)
+
+    # Resume from the newest complete checkpoint, if any.
+    identity = {"variant": cfg.model.architecture, "base_model_hash": base_ref["text_weight_hash"]}
+    ckpt_dir, start = out / "checkpoints", 0
+    seen = {"t2i_tokens_seen": 0, "i2t_tokens_seen": 0}
+    if (latest := checkpoint.latest(ckpt_dir)) is not None:
+        ckpt = checkpoint.load(latest, identity)
+        checkpoint.load_trainable_(model, ckpt.weights)
+        engine.load_state_dict(ckpt.engine)
+        checkpoint.set_rng_state(ckpt.rng)
+        start = ckpt.step
+        seen = {k: ckpt.data[k] for k in seen}
+        if rank() == 0 and (out / "train_log.jsonl").is_file():  # drop rows past the checkpoint
+            rows = [r for r in read_jsonl(out / "train_log.jsonl") if r["step"] <= start]
+            atomic_write_jsonl(out / "train_log.jsonl", rows)
+        print(f"resuming {cfg.name} from {latest} (step {start})")
+    experiment = args.experiment or experiment_of(load_yaml(args.config), cfg.name)
+    tracker = start_run(out, cfg, experiment, enabled=rank() == 0)
+    tracker.set_tags({"batch_size": stream.global_batch_size, "world_size": world_size()})
+
+    # Loop.
+    model.train()
+    bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc=cfg.name,
+               disable=rank() != 0)
+    interval_tokens, interval_start = 0, time.perf_counter()
+    for step in bar:
+        samples, plan = stream.batch(step)
+        batch = model.build_batch(samples, stream.noise_generator(step))
+        losses = model.compute_loss(batch)
+        if not torch.isfinite(losses.loss):
+            tracker.finish("FAILED")
+            raise FloatingPointError(
+                f"{cfg.name} step {step + 1}: loss is {losses.loss.item()} (ar "
+                f"{losses.ar_loss.item()}, dm {losses.dm_loss.item()}, repa "
+                f"{losses.repa_loss.item()}); stopped before "
+                f"the update. Last good checkpoint: {checkpoint.latest(ckpt_dir)}")
+        engine.backward(losses.loss)
+        engine.step()
+        seen["t2i_tokens_seen"] += plan.t2i_tokens
+        seen["i2t_tokens_seen"] += plan.i2t_tokens
+        interval_tokens += plan.t2i_tokens + plan.i2t_tokens
+        done = step + 1
+
+        if done % t.log_every == 0 or done == t.steps:
+            elapsed = time.perf_counter() - interval_start
+            row = {"step": done, "loss": losses.loss.item(), "ar_loss": losses.ar_loss.item(),
+                   "dm_loss": losses.dm_loss.item(), "repa_loss": losses.repa_loss.item(),
+                   "lr": engine.lr, "grad_norm": engine.grad_norm,
+                   "tokens_per_s": interval_tokens / max(elapsed, 1e-9), **seen}
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                            tok_s=f"{row['tokens_per_s']:.0f}")
+            if rank() == 0:
+                with open(out / "train_log.jsonl", "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                tracker.log_metrics({k: row[k] for k in LOG_FIELDS if k != "step"}, done)
+            interval_tokens, interval_start = 0, time.perf_counter()
+        if done % t.checkpoint_every == 0 and done < t.steps:
+            checkpoint.save(ckpt_dir, done, model=model, engine_state=engine.state_dict(),
+                            data_state={"step": done, **seen}, meta=identity,
+                            keep_last=t.keep_last)
+        if done in t.eval_steps and rank() == 0:
+            model.save(out / "steps" / str(done))  # atomic: a model dir the eval rules read
+
+    # Finish: frozen text weights must be untouched (bitwise; bf16 casts them, so fp32 only).
+    text_hash = text_weight_hash(model.llm)
+    if (cfg.model.architecture in FROZEN_TEXT_ARCHITECTURES and t.precision == "fp32"
+            and text_hash != base_ref["text_weight_hash"]):
+        raise RuntimeError(f"{cfg.name}: frozen text weights changed during training")
+    result = {"run": cfg.name, "steps": t.steps, "eval_steps": list(t.eval_steps),
+              "text_weight_hash": text_hash, **seen}
+    if rank() == 0:
+        atomic_write_json(out / "done.json", result)
+    tracker.finish()
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
