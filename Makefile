@@ -38,9 +38,9 @@ test-fast: setup
 bench: setup
 	$(PY) -m benchmarks.run
 
-## Browse the runs: http://127.0.0.1:5000 (loopback only).
+## Browse the runs: http://127.0.0.1:5000 (loopback only); paper scale: MLFLOW_TRACKING_URI=sqlite:///results/paper/mlruns.db
 mlflow-ui: setup
-	$(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///results/mlruns.db} --host 127.0.0.1 --port 5000
+	$(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///results/tiny/mlruns.db} --host 127.0.0.1 --port 5000
 
 ## One HTML file with every table and figure, captioned.
 report: setup
@@ -51,10 +51,12 @@ dry-run-slurm: setup
 	$(VENV)/bin/snakemake --profile slurm -n results/table1.csv
 
 ## Optional BLIP-2 ITM backend from LAVIS in its own venv (LAVIS pins transformers < 4.27).
+## eval.itm finds it at .envs/lavis/bin/python (or $$XFUSION_LAVIS_PYTHON); conda users:
+## conda env create -p .envs/lavis -f workflow/envs/lavis.yaml
 lavis-env:
-	$(PYTHON) -m venv .venv-lavis
-	.venv-lavis/bin/python -m pip install --quiet --upgrade pip
-	.venv-lavis/bin/python -m pip install --quiet torch==2.14.1 salesforce-lavis==1.0.2 "numpy<2" "pandas<2.3"
+	$(PYTHON) -m venv .envs/lavis
+	.envs/lavis/bin/python -m pip install --quiet --upgrade pip
+	.envs/lavis/bin/python -m pip install --quiet torch==2.14.1 salesforce-lavis==1.0.2 "numpy<2" "pandas<2.3"
 
 clean:
 	rm -rf results/tiny results/*.csv results/figures results/report.html .snakemake
