@@ -64,6 +64,12 @@ class BaseLMConfig:
     pretrain_lr: float = 3e-3
     pretrain_seq_len: int = 128
     pretrain_warmup_steps: int = 50  # linear warm-up, then cosine decay to 0
+    # Loss weight of the answer letters (" A".." D") of the corpus's multiple-choice practice
+    # items: one token in ~40, it is the whole signal for the answering format; without the
+    # weight a 4-layer Llama memorises the facts but answers at chance (measured on the tiny
+    # recipe, 1000 steps of 16 x 256 tokens: 5-shot tiny MMLU 0.26 at weight 1 after 600 steps,
+    # 0.58 at weight 10, 0.82 at weight 30).
+    answer_loss_weight: float = 30.0
 
 
 @dataclass(frozen=True)

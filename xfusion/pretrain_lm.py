@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from xfusion import checkpoint
@@ -57,6 +58,23 @@ def window_batch(stream: torch.Tensor, step: int, batch_size: int, seq_len: int,
     starts = torch.randint(0, len(stream) - seq_len + 1, (batch_size,), generator=g)
     body = torch.stack([stream[s:s + seq_len - 1] for s in starts.tolist()])  # (B, L-1)
     return torch.cat([torch.full((batch_size, 1), bos_id), body], dim=1)  # (B, L)
+
+
+def answer_letter_ids(tokenizer) -> torch.Tensor:
+    """Ids of " A".." D": single tokens by construction of the tokenizer."""
+    return torch.tensor([tokenizer(letter, add_special_tokens=False)["input_ids"][0]
+                         for letter in ANSWER_LETTERS])
+
+
+def weighted_lm_loss(logits: torch.Tensor, ids: torch.Tensor, answer_ids: torch.Tensor,
+                     answer_weight: float) -> torch.Tensor:
+    """Next-token cross-entropy, answer-letter targets weighted by `answer_weight`.
+
+    logits (B, L, V), ids (B, L). A weight of 1 is the plain causal-LM loss."""
+    targets = ids[:, 1:]  # (B, L-1)
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction="none")
+    weights = 1.0 + (answer_weight - 1.0) * torch.isin(targets, answer_ids).flatten().float()
+    return (ce * weights).sum() / weights.sum()
 
 
 # --- tiny MMLU: 5-shot, log-likelihood of the answer letter ------------------------------------
@@ -91,8 +109,7 @@ def mmlu_prompts(mmlu_dir: Path, shots: int) -> list[tuple[str, str, int]]:
 @torch.no_grad()
 def mmlu_accuracy(llm, tokenizer, mmlu_dir: Path, shots: int) -> dict:
     """Accuracy overall and per subject: argmax of the next-token log-likelihood of " A".." D"."""
-    letter_ids = [tokenizer(letter, add_special_tokens=False)["input_ids"][0]
-                  for letter in ANSWER_LETTERS]
+    letter_ids = answer_letter_ids(tokenizer).tolist()
     llm.eval()
     correct: dict[str, list[bool]] = {}
     for subject, prompt, gold in mmlu_prompts(mmlu_dir, shots):
@@ -120,6 +137,7 @@ def pretrain(cfg: RunConfig, tokenizer_dir: Path, corpus: Path, mmlu_dir: Path, 
     engine = Engine(llm, [{"params": list(llm.parameters()), "lr": base.pretrain_lr}], training,
                     micro_batch_size=base.pretrain_batch_size, lr_decay="cosine")
     stream = corpus_stream(tok, corpus)
+    answer_ids = answer_letter_ids(tok).to(engine.device)
     identity = {"variant": "pretrain_lm", "base_model_hash": None,
                 "base_lm": json.loads(json.dumps(dataclasses.asdict(base)))}
     ckpt_dir, start = out / "checkpoints", 0
@@ -139,7 +157,8 @@ def pretrain(cfg: RunConfig, tokenizer_dir: Path, corpus: Path, mmlu_dir: Path, 
     for step in bar:
         ids = window_batch(stream, step, base.pretrain_batch_size, base.pretrain_seq_len,
                            tok.bos_token_id, cfg.training.seed).to(engine.device)
-        loss = engine.module(input_ids=ids, labels=ids).loss
+        loss = weighted_lm_loss(engine.module(input_ids=ids).logits, ids, answer_ids,
+                                base.answer_loss_weight)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"pretrain step {step + 1}: loss is {loss.item()}; last good "
                                      f"checkpoint: {checkpoint.latest(ckpt_dir)}")
