@@ -19,6 +19,7 @@ from PIL import Image
 from xfusion.config import RunConfig, load_run
 from xfusion.data import resolve_image
 from xfusion.io import atomic_write_json, read_jsonl
+from xfusion.tracking import log_metrics
 
 # Names in `evaluation.{clip_model, itm_model, fid_extractor, bertscore_model}` that mean "the
 # judge trained by eval.judges" rather than a pretrained checkpoint; value = its subdirectory.
@@ -43,10 +44,17 @@ def load_config(args: argparse.Namespace) -> RunConfig:
 
 def write_metric(out: str | Path, metric: str, value: float, *, run: str | None,
                  step: int | None, n: int, details: dict[str, Any] | None = None) -> dict:
-    """Write the metric JSON of docs/INTERFACES.md atomically and return it."""
+    """Write the metric JSON of docs/INTERFACES.md atomically and return it; a metric of a
+    trained run's step is also logged to that run in MLflow, at that step, so the dashboard
+    draws the paper's curves."""
     record = {"metric": metric, "value": float(value), "run": run, "step": step, "n": int(n),
               "details": details or {}}
     atomic_write_json(out, record)
+    if run is not None and step is not None:
+        # INTERFACES.md layout: R/metrics/RUN/STEP/<metric>.json beside R/runs/RUN.
+        run_dir = Path(out).resolve().parents[3] / "runs" / run
+        if run_dir.is_dir():
+            log_metrics(run_dir, {metric: record["value"]}, int(step))
     return record
 
 

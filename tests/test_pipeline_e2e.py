@@ -85,3 +85,17 @@ def test_every_trained_variant_logged_to_mlflow(table1):
     for run in ("single_tower", "gated_tower", "dual_projection", "dual_tower"):
         run_dir = work / "results" / "tiny" / "runs" / run
         assert (run_dir / "done.json").exists() and (run_dir / "mlflow_run_id.txt").exists()
+
+
+@pytest.mark.slow
+def test_eval_metrics_land_in_the_runs_mlflow_history_at_the_evaluated_step(table1):
+    from mlflow.tracking import MlflowClient
+
+    work, _ = table1
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'results' / 'tiny' / 'mlruns.db'}")
+    run_dir = work / "results" / "tiny" / "runs" / "dual_tower"
+    run_id = (run_dir / "mlflow_run_id.txt").read_text().strip()
+    for metric in ("fid", "clip_score", "blip_itm", "mmlu"):
+        history = client.get_metric_history(run_id, metric)
+        assert [m.step for m in history] == [12], metric
+    assert client.get_run(run_id).data.tags["scale"] == "tiny"
