@@ -5,7 +5,7 @@ rule aggregate:
     """Collect an experiment's metric files into results/<experiment>.csv."""
     input:
         unpack(aggregate_inputs),
-        reference="reference/paper_results.yaml",
+        reference=REFERENCE,
     output:
         report(
             "results/{experiment}.csv",

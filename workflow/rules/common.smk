@@ -76,6 +76,8 @@ R = config["results_dir"].rstrip("/")
 # XFUSION_PYTHON names another (tests/test_workflow.py points it at a stand-in).
 PY = os.environ.get("XFUSION_PYTHON", sys.executable)
 CONDA_ENV = "../../environment.yml"  # conda users (--sdm conda); relative to workflow/rules/
+# The published numbers beside ours; found from the workflow, whatever the working directory.
+REFERENCE = str(Path(workflow.basedir) / "reference" / "paper_results.yaml")
 SPLITS = ("train", "heldout")
 JUDGE_NAMES = ("judge_clip", "judge_itm")  # evaluators that eval.judges trains (tiny scale)
 

@@ -7,7 +7,7 @@ rule plot:
         experiment=alternation(FIGURES),
     input:
         table="results/{experiment}.csv",
-        reference="reference/paper_results.yaml",
+        reference=REFERENCE,
     output:
         png=report(
             "results/figures/{experiment}.png",

@@ -262,7 +262,9 @@ class GatedTower(Block):
     def __init__(self, text_layer: LlamaDecoderLayer, index: int, cfg: ModelConfig):
         super().__init__(text_layer, index, cfg)
         self.gate = vision_copy(text_layer)
-        self.gamma = nn.Parameter(torch.zeros(()))  # 0: the block starts as the frozen layer
+        # 0: the block starts as the frozen layer. Shape (1,), not (): DeepSpeed's broadcast of
+        # parameters views them as bytes, which a 0-dim tensor cannot do.
+        self.gamma = nn.Parameter(torch.zeros(1))
         self.gate_text = cfg.gate_text  # False: only image positions are gated
 
     def preserves_text(self) -> bool:
