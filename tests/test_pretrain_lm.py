@@ -111,16 +111,20 @@ def test_interrupted_pretraining_resumes_to_identical_weights(text_world, tmp_pa
 
 
 @pytest.mark.slow
-def test_tiny_base_lm_beats_chance_on_tiny_mmlu(text_world, tmp_path):
-    """The tiny recipe of config/tiny.yaml, run as users run it (python -m, OMP 2 threads)."""
-    out = tmp_path / "base_lm"
+@pytest.mark.timeout(2400)
+def test_tiny_base_lm_beats_chance_on_tiny_mmlu(tmp_path):
+    """The tiny recipe of config/tiny.yaml, run as users run it: the DAG's own base_lm target
+    (world -> captions -> tokenizer -> pretraining, one thread as Snakemake gives the rule).
+    Measured on this recipe: 0.45 on 160 items (chance 0.25, one standard deviation 0.034)."""
     start = time.perf_counter()
+    target = "results/tiny/base_lm/tiny_base/base_model.json"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     proc = subprocess.run(
-        [sys.executable, "-m", "xfusion.pretrain_lm", "--config", str(REPO / "config/tiny.yaml"),
-         "--tokenizer", str(text_world["tokenizer"]), "--corpus", str(text_world["corpus"]),
-         "--mmlu", str(text_world["mmlu"]), "--out", str(out)],
-        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True)
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
+         str(tmp_path), "--cores", "2", target, "--configfile", str(REPO / "config/tiny.yaml")],
+        cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((out / "pretrain_mmlu.json").read_text())
+    result = json.loads((tmp_path / target).with_name("pretrain_mmlu.json").read_text())
     print(f"tiny MMLU {result['value']:.3f} (chance 0.25) in {time.perf_counter() - start:.0f}s")
-    assert result["value"] >= 0.40  # 160 items: chance gives > 0.31 with p < 0.05 only
+    assert result["value"] >= 0.35  # three standard deviations above chance
