@@ -217,6 +217,16 @@ def _trim(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return ids[:, :length], mask[:, :length]
 
 
+def _optimizer_step(loss: torch.Tensor, opt, sched, losses: list[float], bar) -> None:
+    """One update of a judge, its loss logged to the list and the progress bar."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    losses.append(loss.item())
+    bar.set_postfix(loss=f"{loss.item():.3f}")
+
+
 def train_clip(model: CLIPModel, processor, pairs: Pairs, e: EvaluationConfig,
                gen: torch.Generator) -> list[float]:
     px, ids, mask = _encode(processor, pairs)
@@ -228,12 +238,7 @@ def train_clip(model: CLIPModel, processor, pairs: Pairs, e: EvaluationConfig,
     for b in bar:
         i, m = _trim(ids[b], mask[b])
         loss = model(input_ids=i, attention_mask=m, pixel_values=px[b], return_loss=True).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        _optimizer_step(loss, opt, sched, losses, bar)
     return losses
 
 
@@ -274,12 +279,7 @@ def train_itm(model: Blip2ForImageTextRetrieval, processor, pairs: Pairs, e: Eva
             logits = model(input_ids=i, attention_mask=m, pixel_values=px[images],
                            use_image_text_matching_head=True).logits_per_image  # (3B, 2)
             loss = loss + F.cross_entropy(logits, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        _optimizer_step(loss, opt, sched, losses, bar)
     return losses
 
 
