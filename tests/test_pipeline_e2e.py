@@ -17,6 +17,8 @@ import yaml
 from xfusion.config import apply_overrides, load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+# The module's first test pays for the whole DAG run (a few minutes; more on a busy machine).
+pytestmark = pytest.mark.timeout(1800)
 REDUCED = {
     "data.n_train": 240,
     "data.n_heldout": 48,
