@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -69,3 +70,25 @@ def mixed_samples() -> Callable[..., Any]:
                 Sample("i2t", [14, 15, 16, 17, 18], lat(), 0.2)]
 
     return make
+
+
+# Set by xfusion.engine.setup_distributed (single-process defaults) and xfusion.tracking in the
+# test process. Left behind, a later test's subprocess (a snakemake run) would inherit a
+# MASTER_PORT this process still listens on, and its DeepSpeed init would fail to bind.
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                      "MLFLOW_TRACKING_URI")
+
+
+_LAUNCHER_BASELINE = {k: os.environ.get(k) for k in LAUNCHER_VARIABLES}
+
+
+@pytest.fixture(autouse=True)
+def _restore_launcher_variables():
+    """After each test, the launcher variables as the session started with them (a snapshot
+    taken per test would miss what a module-scoped fixture set before it)."""
+    yield
+    for key, value in _LAUNCHER_BASELINE.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

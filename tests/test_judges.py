@@ -26,7 +26,8 @@ from xfusion.config import load_run
 from xfusion.data.world import write_split
 
 ROOT = Path(__file__).resolve().parents[1]
-TOY_JUDGES = {"judge_steps": 500, "judge_width": 32, "judge_layers": 2, "judge_batch_size": 64,
+TOY_JUDGES = {"judge_steps": 800, "judge_width": 32, "judge_layers": 2,
+              "judge_batch_size": 64,
               "judge_lr": 1.0e-3, "judge_query_tokens": 4, "judge_val_fraction": 0.2}
 
 
