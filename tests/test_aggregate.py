@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from eval import aggregate
-from xfusion.config import all_runs, experiments_from_dict, load_yaml, resolve_run
+from xfusion.config import experiments_from_dict, load_yaml, resolve_run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "config" / "tiny.yaml"

@@ -11,7 +11,7 @@ from xfusion.model.mask import attention_mask, position_ids
 
 def random_layout(rng: random.Random, L: int):
     """One row: text runs and image spans in random order, then right or left padding."""
-    span, k, i = [], 0, 0
+    span, k = [], 0
     n_real = rng.randint(1, L)
     while len(span) < n_real:
         if rng.random() < 0.3:

@@ -1,6 +1,5 @@
 """eval.plots draws every configured figure from aggregated synthetic metrics, PNG and PDF."""
 
-from pathlib import Path
 
 import pytest
 

@@ -15,9 +15,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from eval import mmlu
 from xfusion import pretrain_lm
 from xfusion.config import apply_overrides, load_run, load_yaml
 from xfusion.data.world import write_text_data
+from xfusion.mmlu import build_prompt, load_mmlu
 from xfusion.model.base import load_base_llm, text_weight_hash
 from xfusion.tokenizer import check_answer_letters, train_bpe
 
@@ -66,14 +68,15 @@ def test_window_batch_is_addressed_by_step_and_starts_with_bos():
 
 
 def test_mmlu_prompt_is_harness_five_shot_format(text_world):
-    items = pretrain_lm.mmlu_prompts(text_world["mmlu"], shots=5)
-    subject, prompt, gold = items[0]
+    data = load_mmlu(text_world["mmlu"])
+    subject, (dev, test) = next(iter(data.items()))
+    prompt = build_prompt(subject, dev[:5], test[0])
     assert prompt.startswith(f"The following are multiple choice questions (with answers) about "
                              f"{subject}.\n\n")
     assert prompt.count("\nAnswer: ") == 5  # five solved dev items
-    assert prompt.endswith("\nD. " + prompt.split("\nD. ")[-1].split("\n")[0] + "\nAnswer:")
-    assert gold in range(4)
-    assert len(items) == 4 * 40
+    assert prompt.endswith(f"\nD. {test[0].choices[3]}\nAnswer:")
+    assert test[0].answer in "ABCD"
+    assert sum(len(t) for _, t in data.values()) == 4 * 40
 
 
 def test_interrupted_pretraining_resumes_to_identical_weights(text_world, tmp_path, monkeypatch):
@@ -108,6 +111,12 @@ def test_interrupted_pretraining_resumes_to_identical_weights(text_world, tmp_pa
     assert len(tok) == llm.config.vocab_size
     result = json.loads((tmp_path / "full" / "pretrain_mmlu.json").read_text())
     assert result["metric"] == "mmlu" and result["n"] == 160
+    # The evaluation stage scores the same model to the same number (one shared scorer).
+    scored = mmlu.main(["--config", str(config), "--base-lm",
+                        str(tmp_path / "full" / "base_model.json"), "--data",
+                        str(text_world["mmlu"]), "--out", str(tmp_path / "mmlu.json")])
+    assert scored["value"] == result["value"]
+    assert scored["details"]["per_subject"] == result["details"]["per_subject"]
 
 
 @pytest.mark.slow

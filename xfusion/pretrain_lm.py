@@ -22,7 +22,6 @@ References: nanoGPT train.py (flat loop, packed token stream, cosine LR); lm-eva
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import time
@@ -36,10 +35,10 @@ from xfusion import checkpoint
 from xfusion.config import RunConfig, load_run
 from xfusion.engine import Engine, rank
 from xfusion.io import atomic_dir, atomic_write_json
+from xfusion.mmlu import causal_lm_loglik, evaluate_mmlu, load_mmlu
 from xfusion.model.base import build_tiny_llama, load_base_llm, text_weight_hash
 from xfusion.tokenizer import ANSWER_LETTERS, load_tokenizer
 
-LETTERS = "ABCD"
 
 
 # --- data: the corpus as one token stream --------------------------------------------------------
@@ -77,49 +76,18 @@ def weighted_lm_loss(logits: torch.Tensor, ids: torch.Tensor, answer_ids: torch.
     return (ce * weights).sum() / weights.sum()
 
 
-# --- tiny MMLU: 5-shot, log-likelihood of the answer letter ------------------------------------
+# --- tiny MMLU: the evaluation stage's harness-format scorer -----------------------------------
 
-def _read_csv(path: Path) -> list[list[str]]:
-    with open(path, newline="") as fh:
-        return [row for row in csv.reader(fh) if row]
-
-
-def _format(row: list[str], with_answer: bool) -> str:
-    question, *options, answer = row
-    body = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
-    return f"{question}\n{body}\nAnswer:" + (f" {answer}" if with_answer else "")
-
-
-def mmlu_prompts(mmlu_dir: Path, shots: int) -> list[tuple[str, str, int]]:
-    """(subject, prompt, gold letter index) per test item, lm-evaluation-harness's format."""
-    items = []
-    for test_csv in sorted((mmlu_dir / "test").glob("*_test.csv")):
-        subject = test_csv.name[:-len("_test.csv")]
-        dev = _read_csv(mmlu_dir / "dev" / f"{subject}_dev.csv")[:shots]
-        header = (f"The following are multiple choice questions (with answers) about "
-                  f"{subject.replace('_', ' ')}.\n\n")
-        context = header + "".join(_format(row, True) + "\n\n" for row in dev)
-        for row in _read_csv(test_csv):
-            items.append((subject, context + _format(row, False), LETTERS.index(row[-1])))
-    if not items:
-        raise FileNotFoundError(f"{mmlu_dir}: no test/<subject>_test.csv files")
-    return items
-
-
-@torch.no_grad()
 def mmlu_accuracy(llm, tokenizer, mmlu_dir: Path, shots: int) -> dict:
-    """Accuracy overall and per subject: argmax of the next-token log-likelihood of " A".." D"."""
-    letter_ids = answer_letter_ids(tokenizer).tolist()
+    """The result as eval.mmlu would score it (xfusion.mmlu: 5-shot, no BOS, log-likelihood of
+    " A".." D"), so the number printed here is the number Table 1 shows for the base model."""
     llm.eval()
-    correct: dict[str, list[bool]] = {}
-    for subject, prompt, gold in mmlu_prompts(mmlu_dir, shots):
-        ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=llm.device)
-        logits = llm(input_ids=ids).logits[0, -1, letter_ids]
-        correct.setdefault(subject, []).append(int(logits.argmax()) == gold)
-    per_subject = {s: sum(c) / len(c) for s, c in correct.items()}
-    n = sum(len(c) for c in correct.values())
-    return {"metric": "mmlu", "value": sum(sum(c) for c in correct.values()) / n, "n": n,
-            "run": None, "step": None, "details": {"per_subject": per_subject, "shots": shots}}
+    loglik = causal_lm_loglik(lambda ids, mask: llm(input_ids=ids, attention_mask=mask).logits,
+                              llm.config.max_position_embeddings, batch_size=8, dev=llm.device)
+    result = evaluate_mmlu(load_mmlu(mmlu_dir), tokenizer, loglik, shots)
+    return {"metric": "mmlu", "value": result["accuracy"], "n": result["n"], "run": None,
+            "step": None, "details": {"per_subject": result["per_subject"],
+                                      "macro": result["macro"], "shots": shots}}
 
 
 # --- the two scales ----------------------------------------------------------------------------
