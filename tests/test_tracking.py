@@ -67,3 +67,38 @@ def test_unwritable_store_warns_once_and_calls_become_noops(run_dir, tmp_path, m
         tracker.finish()
     mlflow_warnings = [w for w in caught if "MLflow tracking disabled" in str(w.message)]
     assert len(mlflow_warnings) == 1
+
+
+_OPEN_AT_ONCE = """
+import sys, time, warnings
+from xfusion import tracking
+start = float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))  # every process opens the fresh store together
+with warnings.catch_warnings():
+    # the tracking-disabled warning fails this process
+    warnings.filterwarnings("error", message="MLflow tracking disabled", category=RuntimeWarning)
+    tracker = tracking.Tracker(sys.argv[1], "table1", sys.argv[1].rsplit("/", 1)[-1])
+tracker.log_metrics({"loss": 1.0}, step=1)
+tracker.finish()
+"""
+
+
+def test_parallel_jobs_on_a_fresh_store_all_track(tmp_path, monkeypatch):
+    """Train jobs that start together each get their run: the store's creation is serialised
+    (unserialised, a second process died on 'table ... already exists' in the DAG test)."""
+    import subprocess
+    import sys
+    import time
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    start = time.time() + 8  # after every interpreter has imported mlflow
+    runs = [tmp_path / "tiny" / "runs" / f"variant_{i}" for i in range(4)]
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AT_ONCE, str(r), str(start)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in runs]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, "\n".join(outputs)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'tiny' / 'mlruns.db'}")
+    ids = {(r / tracking.RUN_ID_FILE).read_text().strip() for r in runs}
+    assert len(ids) == 4
+    assert all(client.get_metric_history(i, "loss")[0].value == 1.0 for i in ids)

@@ -14,6 +14,8 @@ and the run goes on without it (the train log in `train_log.jsonl` stays complet
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import subprocess
@@ -64,6 +66,26 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """Exclusive access to a local SQLite store while it is opened.
+
+    MLflow creates a new store's tables on first use, without a lock of its own: two jobs that
+    start at once (parallel train jobs on a fresh results dir) would both run the migrations and
+    one would fail ("table ... already exists"). A server store needs no lock."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 class Tracker:
     """Logs one run's params, metrics and artifacts; a no-op after the first store failure.
 
@@ -104,21 +126,20 @@ class Tracker:
         # with the one warning instead of stopping training at import.
         from mlflow.tracking import MlflowClient
 
-        if self.uri.startswith("sqlite:///"):
-            Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        client = MlflowClient(self.uri)
         id_file = self.run_dir / RUN_ID_FILE
-        if id_file.is_file():  # resume, or eval logging into the training run
-            self.run_id = id_file.read_text().strip()
-            client.get_run(self.run_id)  # fails clearly if the store lost it
-        else:
-            exp_id = self._experiment_id(client, experiment)
-            tags = {"run": run_name}
-            commit = git_commit()
-            if commit:
-                tags["mlflow.source.git.commit"] = commit
-            self.run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
-            atomic_write_text(id_file, self.run_id + "\n")
+        with store_lock(self.uri):  # opening a new store creates its tables
+            client = MlflowClient(self.uri)
+            if id_file.is_file():  # resume, or eval logging into the training run
+                self.run_id = id_file.read_text().strip()
+                client.get_run(self.run_id)  # fails clearly if the store lost it
+            else:
+                exp_id = self._experiment_id(client, experiment)
+                tags = {"run": run_name}
+                commit = git_commit()
+                if commit:
+                    tags["mlflow.source.git.commit"] = commit
+                self.run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+                atomic_write_text(id_file, self.run_id + "\n")
         self._client = client
 
     def _experiment_id(self, client, name: str) -> str:
