@@ -22,6 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import EngFormatter, MaxNLocator  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from xfusion.config import experiments_from_dict, load_yaml  # noqa: E402
@@ -47,6 +48,10 @@ def draw_lines(ax, frame: pd.DataFrame, x: str, y: str, group: str,
     ax.set_xlabel(LABELS.get(x, x))
     ax.set_ylabel(LABELS.get(y, y))
     ax.grid(alpha=0.3)
+    # Steps and layers are counts (no "2.5" ticks); token counts read as 200k, 1.2M.
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+    if x.endswith("tokens_seen"):
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
 
 
 def run_label(key: str | None = None, fmt: str = "{}") -> Callable[[pd.DataFrame], str]:

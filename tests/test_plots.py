@@ -26,3 +26,24 @@ def test_subtitle_states_the_paper_finding(tmp_path):
     frame = run_aggregate(tmp_path, "figure6")
     fig = plots.draw("figure6", frame, load_yaml(REFERENCE), "Fig. 6")
     assert "clean images (0%) give the best BLIP" in fig._suptitle.get_text()
+
+
+def test_layer_axis_has_whole_ticks_and_token_axis_reads_in_thousands():
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    layers = pd.DataFrame({"run": ["a"] * 4, "layer": [1, 2, 3, 4],
+                           "accuracy": [50.0, 60.0, 55.0, 70.0]})
+    fig, ax = plt.subplots()
+    plots.draw_lines(ax, layers, "layer", "accuracy", "run", plots.run_label())
+    fig.canvas.draw()
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+
+    tokens = pd.DataFrame({"run": ["a"] * 3, "t2i_tokens_seen": [0, 250_000, 500_000],
+                           "fid": [90.0, 60.0, 40.0]})
+    fig, ax = plt.subplots()
+    plots.draw_lines(ax, tokens, "t2i_tokens_seen", "fid", "run", plots.run_label())
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert "500k" in labels and not any(len(label) > 5 for label in labels)
+    plt.close("all")

@@ -3,12 +3,13 @@
 `python -m xfusion.pretrain_lm --config C --run RUN --tokenizer R/tokenizer --corpus R/world/corpus.txt --mmlu R/world/mmlu --out R/base_lm/<name>`
 
 Tiny scale (`model.base_lm.source: tiny`): next-token prediction on the corpus packed as one
-token stream, windows of `pretrain_seq_len` tokens (each led by BOS, as every prompt is at
-evaluation), AdamW through the same DeepSpeed engine as X-Fusion training, linear warm-up then
+token stream, windows of `pretrain_seq_len` tokens each led by BOS (most positions sit far from
+it, so the harness's BOS-free prompts at evaluation are in distribution), AdamW through the same DeepSpeed engine as X-Fusion training, linear warm-up then
 cosine decay. Checkpoints and automatic resume as in `xfusion.train`. Writes `hf/` (the
 LlamaForCausalLM and its tokenizer, safetensors), `base_model.json` and `pretrain_mmlu.json`: the
-tiny MMLU (5-shot, log-likelihood of " A".." D") measured on the result, which must be well above
-chance (25%) for the frozen-text-tower comparisons to mean anything.
+tiny MMLU (5-shot, log-likelihood of " A".." D", xfusion.mmlu: the scorer eval.mmlu uses)
+measured on the result, which must be well above chance (25%) for the frozen-text-tower
+comparisons to mean anything.
 
 Paper scale (`source: pretrained`): nothing is trained; `base_model.json` names
 `model.base_lm.path`. Its `text_weight_hash` is computed by loading the weights on the CPU (a few
