@@ -24,8 +24,7 @@ import json
 from pathlib import Path
 
 from eval.common import device, load_config, metric_parser, write_metric
-from xfusion.mmlu import (LETTERS, Item, build_prompt, causal_lm_loglik, encode_pair,  # noqa: F401
-                          evaluate_mmlu, load_mmlu)
+from xfusion.mmlu import causal_lm_loglik, evaluate_mmlu, load_mmlu
 
 
 # --- models -------------------------------------------------------------------------------------

@@ -16,16 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 # SIGKILLs itself after that many scored questions (mid-run, before any output is written).
 SCRIPT = """
 import os, signal, sys, torch
+sys.path.insert(0, sys.argv[1])  # tests/: test_mmlu's character tokenizer and gold scorer
+from test_mmlu import CharTokenizer, oracle_loglik
 from eval import mmlu
 
-class CharTokenizer:
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [ord(c) for c in text]}
-    @staticmethod
-    def decode(ids):
-        return "".join(map(chr, ids))
-
-gold = {row[0]: row[-1] for row in __import__("csv").reader(open(sys.argv[1]))}
+gold_loglik = oracle_loglik(mmlu.load_mmlu(sys.argv[2]))
 kill_after, scored = int(os.environ.get("KILL_AFTER", "0")), [0]
 
 def loglik(contexts, continuations):
@@ -34,16 +29,15 @@ def loglik(contexts, continuations):
         scored[0] += 1
         if kill_after and scored[0] > 4 * kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
-        question = CharTokenizer.decode(c).rsplit("\\n\\n", 1)[-1].split("\\n", 1)[0]
-        out.append(0.0 if CharTokenizer.decode(k).strip() == gold[question] else -5.0)
-    return torch.tensor(out)
+        out.append(gold_loglik([c], [k]))
+    return torch.cat(out)
 
 mmlu.base_lm_scorer = lambda path, batch_size: (CharTokenizer(), loglik)
-mmlu.main(sys.argv[2:])
+mmlu.main(sys.argv[3:])
 """
 
 
-def _write_mmlu(root: Path) -> Path:
+def _write_mmlu(root: Path) -> None:
     rows = {split: [[f"{split} q{i}?", "w", "x", "y", "z", "ABCD"[(i * 3) % 4]]
                     for i in range(5 if split == "dev" else 16)] for split in ("dev", "test")}
     for split, items in rows.items():
@@ -51,28 +45,27 @@ def _write_mmlu(root: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", newline="") as fh:
             csv.writer(fh).writerows(items)
-    return root / "mmlu" / "test" / "toy_test.csv"
 
 
-def _run(tmp_path: Path, out: Path, test_csv: Path, kill_after: int | None):
+def _run(tmp_path: Path, out: Path, kill_after: int | None):
     (tmp_path / "base_model.json").write_text(json.dumps(
         {"path": "x", "tokenizer": "x", "text_weight_hash": "abc"}))
     env = {**os.environ, "KILL_AFTER": str(kill_after or 0), "OMP_NUM_THREADS": "1"}
     args = ["--config", "config/tiny.yaml", "--base-lm", str(tmp_path / "base_model.json"),
             "--data", str(tmp_path / "mmlu"), "--batch-size", "1", "--out", str(out)]
-    return subprocess.run([sys.executable, "-c", SCRIPT, str(test_csv), *args], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-c", SCRIPT, str(REPO / "tests"), str(tmp_path / "mmlu"), *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_mmlu_killed_mid_scoring_leaves_nothing_and_rerun_equals_uninterrupted(tmp_path):
-    test_csv = _write_mmlu(tmp_path)
+    _write_mmlu(tmp_path)
     reference = tmp_path / "reference.json"
-    assert _run(tmp_path, reference, test_csv, None).returncode == 0
+    assert _run(tmp_path, reference, None).returncode == 0
 
     out = tmp_path / "metrics" / "mmlu.json"
-    killed = _run(tmp_path, out, test_csv, kill_after=6)
+    killed = _run(tmp_path, out, kill_after=6)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not out.exists()  # nothing a rerun (or Snakemake) could take as complete
 
-    assert _run(tmp_path, out, test_csv, None).returncode == 0
+    assert _run(tmp_path, out, None).returncode == 0
     assert json.loads(out.read_text()) == json.loads(reference.read_text())

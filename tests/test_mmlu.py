@@ -1,4 +1,5 @@
-"""eval.mmlu: lm-evaluation-harness's 5-shot prompt, log-likelihood scoring, both data layouts."""
+"""xfusion.mmlu + eval.mmlu: lm-evaluation-harness's 5-shot prompt, log-likelihood scoring, both
+data layouts."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from eval import mmlu
+from xfusion import mmlu as scorer
 
 
 class CharTokenizer:
@@ -25,8 +27,8 @@ class CharTokenizer:
 
 
 def make_data(n_test: int = 12) -> dict:
-    dev = [mmlu.Item(f"dev q{i}?", ("w", "x", "y", "z"), "ABCD"[i % 4]) for i in range(5)]
-    test = [mmlu.Item(f"test q{i}?", ("w", "x", "y", "z"), "ABCD"[(i * 7) % 4])
+    dev = [scorer.Item(f"dev q{i}?", ("w", "x", "y", "z"), "ABCD"[i % 4]) for i in range(5)]
+    test = [scorer.Item(f"test q{i}?", ("w", "x", "y", "z"), "ABCD"[(i * 7) % 4])
             for i in range(n_test)]
     return {"toy_subject": (dev, test)}
 
@@ -48,29 +50,29 @@ def oracle_loglik(data, letter_of=None):
 
 def test_gold_answerer_scores_100():
     data = make_data()
-    result = mmlu.evaluate_mmlu(data, CharTokenizer(), oracle_loglik(data))
+    result = scorer.evaluate_mmlu(data, CharTokenizer(), oracle_loglik(data))
     assert result["accuracy"] == 1.0 and result["per_subject"]["toy_subject"] == 1.0
 
 
 def test_constant_answerer_scores_that_letters_share():
     data = make_data()
     share = sum(it.answer == "C" for it in data["toy_subject"][1]) / 12
-    result = mmlu.evaluate_mmlu(data, CharTokenizer(), oracle_loglik(data, lambda q: "C"))
+    result = scorer.evaluate_mmlu(data, CharTokenizer(), oracle_loglik(data, lambda q: "C"))
     assert result["accuracy"] == pytest.approx(share) and 0 < share < 1
 
 
 def test_prompt_matches_the_harness_format_exactly():
-    shot = mmlu.Item("What is 1 + 1?", ("1", "2", "3", "4"), "B")
-    item = mmlu.Item("  Which colour is the sky? ", ("red", "blue", "green", "pink"), "B")
+    shot = scorer.Item("What is 1 + 1?", ("1", "2", "3", "4"), "B")
+    item = scorer.Item("  Which colour is the sky? ", ("red", "blue", "green", "pink"), "B")
     expected = ("The following are multiple choice questions (with answers) about high school "
                 "physics.\n\n"
                 "What is 1 + 1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: B\n\n"
                 "Which colour is the sky?\nA. red\nB. blue\nC. green\nD. pink\nAnswer:")
-    assert mmlu.build_prompt("high_school_physics", [shot], item) == expected
+    assert scorer.build_prompt("high_school_physics", [shot], item) == expected
 
 
 def test_encode_pair_moves_trailing_space_to_the_continuation():
-    ctx, cont = mmlu.encode_pair(CharTokenizer(), "Answer: ", "A")
+    ctx, cont = scorer.encode_pair(CharTokenizer(), "Answer: ", "A")
     assert CharTokenizer.decode(ctx) == "Answer:" and CharTokenizer.decode(cont) == " A"
 
 
@@ -86,7 +88,7 @@ def test_causal_loglik_equals_summed_log_softmax_and_shares_contexts():
         return lm(input_ids=ids, attention_mask=mask).logits
     contexts = [[1, 5, 7, 9], [1, 5, 7, 9], [3, 4], [1, 5, 7, 9]]
     continuations = [[11], [12], [13, 14], [15, 16, 17]]
-    got = mmlu.causal_lm_loglik(logits_fn, max_length=64, batch_size=2,
+    got = scorer.causal_lm_loglik(logits_fn, max_length=64, batch_size=2,
                                 dev=torch.device("cpu"))(contexts, continuations)
     for c, k, g in zip(contexts, continuations, got):
         with torch.no_grad():
@@ -113,7 +115,7 @@ def test_hendrycks_csv_and_hf_parquet_layouts_read_alike(tmp_path):
                       "choices": [list(i.choices) for i in items],
                       "answer": ["ABCD".index(i.answer) for i in items]}).to_parquet(
             sub / f"{split}-00000-of-00001.parquet")
-    assert mmlu.load_mmlu(tmp_path / "csv") == mmlu.load_mmlu(tmp_path / "hf") \
+    assert scorer.load_mmlu(tmp_path / "csv") == scorer.load_mmlu(tmp_path / "hf") \
         == {"toy_subject": (dev, test)}
 
 

@@ -18,6 +18,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from conftest import LAUNCHER_VARIABLES
 from xfusion import checkpoint, train
 from xfusion.caption import caption_file
 from xfusion.codec import build_codec
@@ -93,9 +94,7 @@ def _argv(world: dict, out: Path, run: str = "dual_tower") -> list[str]:
 def _subprocess(world: dict, out: Path) -> subprocess.Popen:
     # A fresh single-process job: drop the rendezvous variables that an in-process run (an
     # earlier test) exported, whose MASTER_PORT that process still holds.
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                "MLFLOW_TRACKING_URI")
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     return subprocess.Popen([sys.executable, "-m", "xfusion.train", *_argv(world, out)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
