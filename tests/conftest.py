@@ -75,8 +75,12 @@ def mixed_samples() -> Callable[..., Any]:
 # Set by xfusion.engine.setup_distributed (single-process defaults) and xfusion.tracking in the
 # test process. Left behind, a later test's subprocess (a snakemake run) would inherit a
 # MASTER_PORT this process still listens on, and its DeepSpeed init would fail to bind.
+# The SLURM variables are those xfusion.engine.discover_ranks reads: a test run inside an srun
+# step must not hand its own step to the training jobs it launches.
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                      "MLFLOW_TRACKING_URI")
+                      "MLFLOW_TRACKING_URI", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS",
+                      "SLURM_LOCALID", "SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS", "SLURM_JOB_ID",
+                      "SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST")
 
 
 _LAUNCHER_BASELINE = {k: os.environ.get(k) for k in LAUNCHER_VARIABLES}

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
-from typing import Any
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -34,26 +37,174 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# --- rank discovery -------------------------------------------------------------------------------
+# Slurm's pseudo step ids (slurm.h: SLURM_PENDING_STEP 0xfffffffd, SLURM_BATCH_SCRIPT 0xfffffffb,
+# SLURM_EXTERN_CONT 0xfffffffc, SLURM_INTERACTIVE_STEP 0xfffffffa): no srun task launch.
+_SLURM_PSEUDO_STEP = 0xFFFFFFF0
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 20000
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """Where this process sits in the job: what `discover_ranks` found, and where.
+
+    `source` is "torchrun" (RANK/WORLD_SIZE set by torchrun, the deepspeed launcher or by
+    hand), "slurm" (an `srun` task: SLURM_PROCID and the step's task count) or "single" (one
+    process, nothing set)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Slurm's compressed host list -> host names: `gpu[01-04,07]`, `a[1-2],b3`, `node-[009-011]`
+    (zero padding kept, as `scontrol show hostnames` does)."""
+    hosts: list[str] = []
+    for item in re.findall(r"[^,\[]+(?:\[[^\]]*\][^,\[]*)*", nodelist.replace(" ", "")):
+        expanded = [""]
+        for literal, ranges in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", item):
+            choices = [literal]
+            if ranges:
+                choices = []
+                for part in ranges.split(","):
+                    lo, _, hi = part.partition("-")
+                    if not lo.isdigit() or (hi and not hi.isdigit()):
+                        raise ValueError(f"SLURM node list {nodelist!r}: bad range {part!r}")
+                    width = len(lo)
+                    choices += [literal + str(n).zfill(width)
+                                for n in range(int(lo), int(hi or lo) + 1)]
+            expanded = [e + c for e in expanded for c in choices]
+        hosts += [h for h in expanded if h]
+    if not hosts:
+        raise ValueError(f"SLURM node list {nodelist!r}: no host")
+    return hosts
+
+
+def _int(env: Mapping[str, str], key: str) -> int:
+    try:
+        return int(env[key])
+    except ValueError:
+        raise ValueError(f"{key} = {env[key]!r}: not an integer") from None
+
+
+def _slurm_step_tasks(env: Mapping[str, str]) -> int | None:
+    """Tasks of the srun step this process belongs to, or None outside one. srun sets
+    SLURM_STEP_ID and SLURM_STEP_NUM_TASKS for its tasks; a batch script (sbatch, also a
+    Snakemake job's) or an salloc shell has no step id (or a pseudo one) even when the
+    allocation has SLURM_NTASKS > 1: there a plain `python -m …` is one process."""
+    if "SLURM_PROCID" not in env or "SLURM_STEP_ID" not in env:
+        return None
+    if _int(env, "SLURM_STEP_ID") >= _SLURM_PSEUDO_STEP:
+        return None
+    key = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
+    return _int(env, key) if key in env else None
+
+
+def _slurm_port(env: Mapping[str, str]) -> int | None:
+    """A port every task of the job derives alike (no free-port search: ranks cannot agree)."""
+    if "SLURM_JOB_ID" not in env:
+        return None
+    return SLURM_PORT_BASE + _int(env, "SLURM_JOB_ID") % SLURM_PORT_SPAN
+
+
+def _slurm_master(env: Mapping[str, str]) -> str | None:
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    return expand_nodelist(nodelist)[0] if nodelist else None
+
+
+def discover_ranks(env: Mapping[str, str], free_port: Callable[[], int] | None = None
+                   ) -> RankInfo:
+    """Rank, world size and rendezvous of this process, from launcher variables (pure).
+
+    1. torchrun / the deepspeed launcher (RANK, WORLD_SIZE set; LOCAL_RANK, MASTER_ADDR,
+       MASTER_PORT as set). Inside an srun step, WORLD_SIZE must equal the step's tasks times
+       LOCAL_WORLD_SIZE (1 task per rank, or one torchrun per node): anything else is an error.
+    2. An srun task (SLURM_PROCID + a real SLURM_STEP_ID): rank SLURM_PROCID, world
+       SLURM_STEP_NUM_TASKS (else SLURM_NTASKS), local rank SLURM_LOCALID, master the first host
+       of SLURM_STEP_NODELIST (else SLURM_JOB_NODELIST), port MASTER_PORT or
+       15000 + SLURM_JOB_ID % 20000 (the same on every task).
+    3. Otherwise one process: rank 0 of 1 on 127.0.0.1, MASTER_PORT or a free port. A batch
+       script inside an allocation of several tasks is this case: launch with srun for more.
+    A multi-rank job without a port all ranks can agree on, or a rank outside [0, world), is an
+    error, never a silent fallback.
+    """
+    step_tasks = _slurm_step_tasks(env)
+    if "RANK" in env or "WORLD_SIZE" in env:
+        missing = [k for k in ("RANK", "WORLD_SIZE") if k not in env]
+        if missing:
+            raise ValueError(f"{' and '.join(missing)} not set beside "
+                             f"{'WORLD_SIZE' if 'RANK' in env else 'RANK'}: a launcher sets both")
+        source, rank, world = "torchrun", _int(env, "RANK"), _int(env, "WORLD_SIZE")
+        local_rank = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0
+        per_task = _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else 1
+        if step_tasks is not None and world != step_tasks * per_task:
+            raise ValueError(
+                f"WORLD_SIZE = {world} but this srun step has {step_tasks} tasks "
+                f"(SLURM_STEP_NUM_TASKS/SLURM_NTASKS) x LOCAL_WORLD_SIZE {per_task} = "
+                f"{step_tasks * per_task} processes: launch one rank per task (srun -n "
+                f"{world}) or one torchrun per task, not both")
+    elif step_tasks is not None:
+        source, rank, world = "slurm", _int(env, "SLURM_PROCID"), step_tasks
+        local_rank = _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+    else:
+        source, rank, world, local_rank = "single", 0, 1, 0
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside the world of {world} processes ({source} "
+                         "variables): check the launcher")
+    addr = env.get("MASTER_ADDR") or (_slurm_master(env) if source != "single" else None)
+    if addr is None:
+        if world > 1:
+            raise ValueError(f"{world} ranks but no MASTER_ADDR (nor a SLURM node list): set "
+                             "MASTER_ADDR to rank 0's host")
+        addr = "127.0.0.1"
+    if "MASTER_PORT" in env:
+        port = _int(env, "MASTER_PORT")
+    elif (port := _slurm_port(env) if source != "single" else None) is None:
+        if world > 1:
+            raise ValueError(f"{world} ranks but no MASTER_PORT and no SLURM_JOB_ID to derive "
+                             "one from: set MASTER_PORT, the same on every rank")
+        port = (free_port or _free_port)()
+    return RankInfo(rank, world, local_rank, addr, port, source)
+
+
+_RANK_INFO: RankInfo | None = None  # what this process was initialised with
+
+
+def _export(info: RankInfo) -> None:
+    os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size),
+                      LOCAL_RANK=str(info.local_rank), MASTER_ADDR=info.master_addr,
+                      MASTER_PORT=str(info.master_port))
+
+
 def setup_distributed() -> None:
     """Initialise torch.distributed through DeepSpeed, once per process.
 
-    Under SLURM/torchrun the launcher sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; a plain
-    `python -m …` gets single-process defaults (a free port, so parallel jobs on one host never
-    collide). DS_ACCELERATOR must be set before DeepSpeed is imported, hence the late import.
+    `discover_ranks` reads the launcher's variables (torchrun/deepspeed's RANK, WORLD_SIZE, …;
+    else an srun task's SLURM_PROCID, SLURM_STEP_NUM_TASKS, …; else one process on a free port,
+    so parallel jobs on one host never collide) and exports them as the RANK/WORLD_SIZE/
+    LOCAL_RANK/MASTER_ADDR/MASTER_PORT that torch.distributed reads. Every rank logs what it found
+    once, on stderr. DS_ACCELERATOR must be set before DeepSpeed is imported, hence the late import.
     """
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
-    for key, value in defaults.items():
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+    global _RANK_INFO
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if _RANK_INFO is not None:  # DeepSpeed reads LOCAL_RANK & co. again per engine
+            _export(_RANK_INFO)
         return
+    info = _RANK_INFO = discover_ranks(os.environ)
+    _export(info)
+    print(f"xfusion.engine: rank {info.rank} of {info.world_size} (local rank {info.local_rank}, "
+          f"{info.source}), rendezvous {info.master_addr}:{info.master_port}", file=sys.stderr,
+          flush=True)
     import deepspeed
 
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(info.local_rank)
     deepspeed.init_distributed("nccl" if torch.cuda.is_available() else "gloo")
 
 
