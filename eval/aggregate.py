@@ -9,7 +9,8 @@ Metric files follow docs/INTERFACES.md (`{"metric", "value", "run", "step", "n",
 named `R/metrics/RUN/STEP/<kind>.json`; the file name gives the kind (`itm` is the paper's BLIP
 column) and the path gives run and step where the JSON leaves them null. MMLU and probe accuracies
 are fractions and are reported as percentages, like the paper; CLIP and BLIP (ITM) scores are
-already x100. Tables: table1, tableA, lr_ratio (one row per variant). Figures: one row per
+already x100. The tiny world's ground-truth metrics `t2i_attr_acc` and `i2t_attr_recall`
+(percentages too) get columns beside them where their files are given (no paper_* column). Tables: table1, tableA, lr_ratio (one row per variant). Figures: one row per
 (run, step) with the run's varied settings (figure5/6/8/B), per (run, mode, layer) for figureD,
 per (caption, metric) for figureE. The figure code (eval.plots) reads these CSVs only.
 """
@@ -26,8 +27,13 @@ import pandas as pd
 from xfusion.config import ARCHITECTURES, experiments_from_dict, load_yaml, resolve_run
 from xfusion.io import atomic_path, read_jsonl
 
-COLUMN = {"fid": "fid", "clip": "clip", "itm": "blip", "mmlu": "mmlu", "probe": "probe"}
-PERCENT = {"mmlu", "probe"}  # fractions in the metric JSON, percentages in the paper
+# Ground-truth attribute metrics of the tiny world (eval.geneval, eval.caption_attributes): one
+# name for file, JSON, column and plot. The paper has no such numbers, and scales without scene
+# records have no such files: their columns appear only where some file was given.
+ATTRIBUTE_METRICS = ["t2i_attr_acc", "i2t_attr_recall"]
+COLUMN = {"fid": "fid", "clip": "clip", "itm": "blip", "mmlu": "mmlu", "probe": "probe",
+          **{m: m for m in ATTRIBUTE_METRICS}}
+PERCENT = {"mmlu", "probe", *ATTRIBUTE_METRICS}  # fractions in the JSON, percentages in tables
 TABLE_METRICS = ["mmlu", "fid", "clip", "blip"]
 CURVE_METRICS = ["fid", "clip", "blip"]
 
@@ -45,6 +51,11 @@ def read_metrics(paths: Sequence[str | Path]) -> pd.DataFrame:
                      "step": int(record["step"] if record.get("step") is not None else path.parent.name),
                      "column": COLUMN[kind], "value": value, "details": record.get("details") or {}})
     return pd.DataFrame(rows, columns=["run", "step", "column", "value", "details"])
+
+
+def measured(metrics: pd.DataFrame, columns: Sequence[str]) -> list[str]:
+    """The columns among `columns` that some metric file reports."""
+    return [c for c in columns if (metrics.column == c).any()]
 
 
 def final_values(metrics: pd.DataFrame, run: str) -> dict[str, float]:
@@ -102,6 +113,7 @@ def table1(ctx: Context) -> pd.DataFrame:
     """Base LLM row + one row per variant; paper_* from X-Fusion Table 1."""
     ref = ctx.paper.get("table1", {}).get("rows", {})
     llm_rows = [v for k, v in ref.items() if k not in ARCHITECTURES]  # the base LLM's row
+    ours_only = measured(ctx.metrics, ATTRIBUTE_METRICS)
     rows = []
     for row in ctx.base_rows():
         rows.append({**row, **{f"paper_{m}": (llm_rows[0] if llm_rows else {}).get(m)
@@ -109,9 +121,9 @@ def table1(ctx: Context) -> pd.DataFrame:
     for name, run in ctx.runs.items():
         ours = final_values(ctx.metrics, name)
         paper = paper_row(ref, name, run.model.architecture)
-        rows.append({"variant": name, **{m: ours.get(m) for m in TABLE_METRICS},
+        rows.append({"variant": name, **{m: ours.get(m) for m in TABLE_METRICS + ours_only},
                      **{f"paper_{m}": paper.get(m) for m in TABLE_METRICS}})
-    columns = ["variant", *TABLE_METRICS, *(f"paper_{m}" for m in TABLE_METRICS)]
+    columns = ["variant", *TABLE_METRICS, *ours_only, *(f"paper_{m}" for m in TABLE_METRICS)]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -131,21 +143,23 @@ def table_a(ctx: Context) -> pd.DataFrame:
 def lr_ratio(ctx: Context) -> pd.DataFrame:
     """Single tower with text/image lr ratio 0, 0.1, 1; MMLU change against the base LLM."""
     rows = ctx.base_rows()
+    metrics = TABLE_METRICS + measured(ctx.metrics, ATTRIBUTE_METRICS)
     for name, run in ctx.runs.items():
         ours = final_values(ctx.metrics, name)
         base = ctx.base.get(run.model.base_lm.name)
         mmlu = ours.get("mmlu")
         rows.append({"variant": name, "lr_text_ratio": run.training.lr_text_ratio,
-                     **{m: ours.get(m) for m in TABLE_METRICS},
+                     **{m: ours.get(m) for m in metrics},
                      "mmlu_change": None if mmlu is None or base is None else mmlu - base})
-    return pd.DataFrame(rows, columns=["variant", "lr_text_ratio", *TABLE_METRICS, "mmlu_change"])
+    return pd.DataFrame(rows, columns=["variant", "lr_text_ratio", *metrics, "mmlu_change"])
 
 
 def curves(ctx: Context) -> pd.DataFrame:
     """One row per (run, step): metrics, the run's varied settings, tokens seen per task."""
-    m = ctx.metrics[ctx.metrics.column.isin(CURVE_METRICS)]
+    metrics = CURVE_METRICS + measured(ctx.metrics, ATTRIBUTE_METRICS)
+    m = ctx.metrics[ctx.metrics.column.isin(metrics)]
     wide = m.pivot_table(index=["run", "step"], columns="column", values="value").reset_index()
-    wide = wide.reindex(columns=["run", "step", *CURVE_METRICS])
+    wide = wide.reindex(columns=["run", "step", *metrics])
     settings = pd.DataFrame([{
         "run": name, "architecture": r.model.architecture, "base_lm": r.model.base_lm.name,
         "repa": r.model.repa.enabled, "t2i_ratio": r.training.t2i_ratio,

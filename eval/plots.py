@@ -25,13 +25,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import EngFormatter, MaxNLocator  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from eval.aggregate import ATTRIBUTE_METRICS  # noqa: E402
 from xfusion.config import experiments_from_dict, load_yaml  # noqa: E402
 from xfusion.io import atomic_path  # noqa: E402
 
 LABELS = {"fid": "FID (lower is better)", "clip": "CLIP score", "blip": "BLIP (ITM) score",
           "accuracy": "probe top-1 (%)", "step": "training step",
-          "t2i_tokens_seen": "T2I tokens seen", "i2t_tokens_seen": "I2T tokens seen"}
-METRICS = ("fid", "clip", "blip")
+          "t2i_tokens_seen": "T2I tokens seen", "i2t_tokens_seen": "I2T tokens seen",
+          "t2i_attr_acc": "T2I attribute accuracy (%)",
+          "i2t_attr_recall": "I2T attribute recall (%)"}
+METRICS = ("fid", "clip", "blip")  # one panel each; ATTRIBUTE_METRICS too where the CSV has them
 
 
 def x_axis(frame: pd.DataFrame, preferred: str) -> str:
@@ -60,8 +63,9 @@ def run_label(key: str | None = None, fmt: str = "{}") -> Callable[[pd.DataFrame
 
 
 def metric_row(frame: pd.DataFrame, x_for: Mapping[str, str], label) -> plt.Figure:
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6), squeeze=False)
-    for ax, metric in zip(axes[0], METRICS):
+    metrics = [*METRICS, *(m for m in ATTRIBUTE_METRICS if m in frame and frame[m].notna().any())]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
         draw_lines(ax, frame, x_axis(frame, x_for.get(metric, "step")), metric, "run", label)
     axes[0][-1].legend(fontsize=8)
     return fig
@@ -71,7 +75,8 @@ def figure5(frame: pd.DataFrame, paper: Mapping[str, Any]) -> plt.Figure:
     """T2I metrics against T2I tokens seen, BLIP against I2T tokens seen (X-Fusion Fig. 5)."""
     pct = lambda part: f"T2I:I2T = {100 * part['t2i_ratio'].iloc[0]:.0f}:{100 - 100 * part['t2i_ratio'].iloc[0]:.0f}"
     return metric_row(frame, {"fid": "t2i_tokens_seen", "clip": "t2i_tokens_seen",
-                              "blip": "i2t_tokens_seen"}, pct)
+                              "blip": "i2t_tokens_seen", "t2i_attr_acc": "t2i_tokens_seen",
+                              "i2t_attr_recall": "i2t_tokens_seen"}, pct)
 
 
 def figure6(frame: pd.DataFrame, paper: Mapping[str, Any]) -> plt.Figure:

@@ -22,8 +22,9 @@ def metric(path: Path, name: str, value: float, run=None, step=None, details=Non
     return str(path)
 
 
-def make_inputs(root: Path, experiment: str) -> dict:
-    """Metric files, base result, train logs and caption metrics the way the DAG lays them out."""
+def make_inputs(root: Path, experiment: str, attributes: bool = False) -> dict:
+    """Metric files, base result, train logs and caption metrics the way the DAG lays them out;
+    with `attributes`, the tiny world's t2i_attr_acc / i2t_attr_recall files too."""
     raw = load_yaml(CONFIG)
     runs = experiments_from_dict(raw)[experiment].runs
     out = {"metrics": [], "base": [], "train_logs": [], "caption_metrics": []}
@@ -40,6 +41,11 @@ def make_inputs(root: Path, experiment: str) -> dict:
                          for mode in ("understanding", "generation")}
             out["metrics"].append(metric(d / "probe.json", "linear_probe", 0.6, name, step,
                                          {"per_layer": per_layer}))
+            if attributes:
+                out["metrics"] += [metric(d / "t2i_attr_acc.json", "t2i_attr_acc",
+                                          0.5 + 0.1 * i, name, step),
+                                   metric(d / "i2t_attr_recall.json", "i2t_attr_recall",
+                                          0.4 + step / 1000, name, step)]
         log = root / "runs" / name / "train_log.jsonl"
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text("".join(json.dumps({"step": s, "loss": 1.0, "t2i_tokens_seen": 10 * s,
@@ -56,8 +62,8 @@ def make_inputs(root: Path, experiment: str) -> dict:
     return out
 
 
-def run_aggregate(tmp_path: Path, experiment: str) -> pd.DataFrame:
-    inputs = make_inputs(tmp_path / "R", experiment)
+def run_aggregate(tmp_path: Path, experiment: str, attributes: bool = False) -> pd.DataFrame:
+    inputs = make_inputs(tmp_path / "R", experiment, attributes)
     out = tmp_path / f"{experiment}.csv"
     argv = ["--config", str(CONFIG), "--experiment", experiment, "--reference", str(REFERENCE),
             "--out", str(out)]
@@ -83,6 +89,28 @@ def test_table1_has_base_row_four_architectures_and_paper_columns(tmp_path):
     # the last eval step's values: fid at step 400 for run index 3
     assert row.loc["dual_tower", "fid"] == pytest.approx(30.0 - 3 - 4.0)
     assert row.loc["single_tower", "clip"] == pytest.approx(20.0)  # run/step from the path
+
+
+def test_attribute_metrics_get_percent_columns_where_measured(tmp_path):
+    table = run_aggregate(tmp_path, "table1", attributes=True)
+    assert list(table.columns) == ["variant", "mmlu", "fid", "clip", "blip", "t2i_attr_acc",
+                                   "i2t_attr_recall", "paper_mmlu", "paper_fid", "paper_clip",
+                                   "paper_blip"]
+    row = table.set_index("variant")
+    assert row.loc["dual_tower", "t2i_attr_acc"] == pytest.approx(100 * (0.5 + 0.3))
+    assert row.loc["dual_tower", "i2t_attr_recall"] == pytest.approx(100 * (0.4 + 0.4))
+    assert pd.isna(row.loc["tiny_base", "t2i_attr_acc"])  # the base LLM makes no images
+    frame = run_aggregate(tmp_path / "f5", "figure5", attributes=True)
+    assert {"t2i_attr_acc", "i2t_attr_recall"} <= set(frame) and frame.t2i_attr_acc.notna().all()
+    lr = run_aggregate(tmp_path / "lr", "lr_ratio", attributes=True)
+    assert "t2i_attr_acc" in lr and "i2t_attr_recall" in lr
+
+
+def test_without_attribute_files_no_attribute_columns(tmp_path):
+    """Paper scale has no scene records, hence no attribute metric files: tables stay as before."""
+    for experiment in ("table1", "lr_ratio", "figure5"):
+        frame = run_aggregate(tmp_path / experiment, experiment)
+        assert not {"t2i_attr_acc", "i2t_attr_recall"} & set(frame), experiment
 
 
 def test_table_a_puts_our_final_model_beside_published_rows(tmp_path):

@@ -47,3 +47,17 @@ def test_layer_axis_has_whole_ticks_and_token_axis_reads_in_thousands():
     labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
     assert "500k" in labels and not any(len(label) > 5 for label in labels)
     plt.close("all")
+
+
+def test_attribute_metrics_get_a_panel_where_the_csv_has_them(tmp_path):
+    with_attr = plots.draw("figure6", run_aggregate(tmp_path / "a", "figure6", attributes=True),
+                           load_yaml(REFERENCE))
+    without = plots.draw("figure6", run_aggregate(tmp_path / "b", "figure6"), load_yaml(REFERENCE))
+    assert len(with_attr.axes) == len(without.axes) + 2
+    assert "T2I attribute accuracy (%)" in {ax.get_ylabel() for ax in with_attr.axes}
+    plt_close_all()
+
+
+def plt_close_all():
+    import matplotlib.pyplot as plt
+    plt.close("all")

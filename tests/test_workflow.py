@@ -71,6 +71,9 @@ def test_each_run_trained_once_and_shared_runs_not_duplicated(tiny_plan):
     assert counts["base_lm"] == 3  # tiny_base, tiny_s, tiny_l (Supp. Fig. B sizes)
     assert counts["aggregate"] == len(experiments_from_dict(TINY))
     assert counts["linear_probe"] == 2 and counts["caption_metrics"] == 1
+    # ground-truth attribute metrics wherever FID is measured; their classifier trained once
+    assert counts["attribute_classifier"] == 1
+    assert counts["geneval"] == counts["caption_attributes"] == counts["fid"]
 
 
 def test_metrics_at_each_eval_step_for_curves_and_last_step_for_tables(tiny_plan):
@@ -105,6 +108,9 @@ def test_paper_dry_run_via_slurm_profile_lists_gpu_training_for_four_architectur
         assert re.search(r"gpu=8\b", block) and "tasks_per_gpu=1" in block and "mpi=srun" in block
         assert "slurm_partition=gpu" in block and "runtime=4320" in block
     assert not jobs(out, "judges")  # paper scale loads CLIP / BLIP-2 / Inception
+    # no scene records at paper scale: no attribute classifier, no attribute metrics
+    assert not jobs(out, "attribute_classifier") and not jobs(out, "geneval")
+    assert not jobs(out, "caption_attributes")
     assert "results/paper/" in out and "results/tiny/" not in out
 
 
@@ -137,7 +143,7 @@ if module == "xfusion.data.world":
         (out / split / "images").mkdir(parents=True, exist_ok=True)
     write(out / "corpus.txt", "fact\n")
     (out / "mmlu").mkdir(parents=True, exist_ok=True)
-elif module in ("xfusion.tokenizer", "eval.judges"):
+elif module in ("xfusion.tokenizer", "eval.judges", "eval.attribute_classifier"):
     out.mkdir(parents=True, exist_ok=True)
 elif module == "xfusion.pretrain_lm":
     write(out / "base_model.json")
@@ -157,8 +163,8 @@ elif module == "eval.linear_probe":
 elif module == "eval.caption_metrics":
     metric(50.0, {"rows": {"long_detailed_caption": {"bertscore": 0.8, "clip": 25.0, "blip": 80.0},
                            "short_poor_caption": {"bertscore": 0.85, "clip": 25.0, "blip": 30.0}}})
-else:  # fid, clip_score, itm, mmlu
-    metric(0.3 if module == "eval.mmlu" else 20.0)
+else:  # fid, clip_score, itm, mmlu, geneval, caption_attributes (the last three: fractions)
+    metric(0.3 if module in ("eval.mmlu", "eval.geneval", "eval.caption_attributes") else 20.0)
 '''
 
 
@@ -208,7 +214,8 @@ def test_forcerun_train_reruns_exactly_its_dependents(executed):
     _, run = executed
     counts = job_counts(run("-n", "--forcerun", "train_run"))
     assert set(counts) == {"train_run", "sample_t2i", "sample_i2t", "fid", "clip_score", "itm",
-                           "mmlu", "aggregate", "plot"}  # not data, base LLM, judges, base MMLU
+                           "geneval", "caption_attributes", "mmlu", "aggregate", "plot"}
+    # not data, base LLM, judges, attribute classifier, base MMLU
     assert counts["train_run"] == 8  # table1's 4 architectures + figure5's other 4 ratios
 
 

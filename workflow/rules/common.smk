@@ -115,10 +115,21 @@ def last_step(run):
 BASES = sorted({base_of(run) for run in RUNS})
 BASE_RUN = {base: next(r for r in RUNS if base_of(r) == base) for base in BASES}  # --run for base_lm
 
+
+def world_source():
+    """The tiny world's generator writes the data (and scene records): data.source == world."""
+    return config["data"]["source"] == "world"
+
+
+# Ground-truth attribute metrics (eval.geneval, eval.caption_attributes) read scene records, so
+# they exist where the world does; the paper-scale folder source has none (rules absent too).
+ATTRIBUTE_METRICS = ("t2i_attr_acc", "i2t_attr_recall") if world_source() else ()
+ATTRIBUTE_CLASSIFIER = f"{R}/attribute_classifier"  # not under R/judges: that is one rule's output
+
 # What each experiment reads: metric files of its runs at the last eval step ("final") or at
 # every eval step ("every"), the base LLM's MMLU, training logs (tokens seen), the linear probe,
 # the caption-metric comparison. An experiment not listed here reads by its kind.
-METRICS = ("fid", "clip", "itm")
+METRICS = ("fid", "clip", "itm") + ATTRIBUTE_METRICS
 MEASURES = {
     "table1": {"final": METRICS + ("mmlu",), "base_mmlu": True},
     "tableA": {"final": METRICS + ("mmlu",)},
@@ -154,10 +165,6 @@ wildcard_constraints:
 
 
 # ---- paths and input functions ---------------------------------------------------------------
-
-
-def world_source():
-    return config["data"]["source"] == "world"
 
 
 CORPUS = f"{R}/world/corpus.txt"

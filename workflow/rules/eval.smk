@@ -159,3 +159,75 @@ rule caption_metrics:
         bench("caption_metrics")
     shell:
         "{params.py} -m eval.caption_metrics --config {params.config} --scenes {input.scenes} --captions {input.captions} {params.judges} --out {output} > {log} 2>&1"
+
+
+# Ground-truth attribute metrics: they read the prompts' / images' scene records, which only the
+# tiny world writes (data.source: world). At paper scale (folder source) these rules do not exist
+# and no table asks for their files (common.smk, METRICS).
+if world_source():
+
+    rule attribute_classifier:
+        """Train the T2I attribute classifier (per-cell shape and colour) on the world's real train
+        images; quality.json reports its accuracy on the held-out real images."""
+        input:
+            train_scenes=f"{R}/world/train/scenes.jsonl",
+            train_images=f"{R}/world/train/images",
+            scenes=f"{R}/world/heldout/scenes.jsonl",
+            images=f"{R}/world/heldout/images",
+        output:
+            directory(ATTRIBUTE_CLASSIFIER),
+        params:
+            py=PY,
+            config=CONFIG,
+            recipe=recipe("evaluation", "data", "seed"),
+        threads: 1
+        conda:
+            CONDA_ENV
+        log:
+            log("attribute_classifier"),
+        benchmark:
+            bench("attribute_classifier")
+        shell:
+            "{params.py} -m eval.attribute_classifier --config {params.config} --train-scenes {input.train_scenes} --scenes {input.scenes} --out {output} > {log} 2>&1"
+
+    rule geneval:
+        """T2I attribute accuracy (t2i_attr_acc): the prompt's primary object in the right shape
+        and colour, read by the attribute classifier."""
+        input:
+            classifier=ATTRIBUTE_CLASSIFIER,
+            samples=f"{R}/samples/{{run}}/{{step}}/t2i/index.jsonl",
+            scenes=f"{R}/world/heldout/scenes.jsonl",
+        output:
+            metric_path("{run}", "{step}", "t2i_attr_acc"),
+        params:
+            py=PY,
+            config=CONFIG,
+        threads: 1
+        conda:
+            CONDA_ENV
+        log:
+            log("geneval", "{run}/{step}"),
+        benchmark:
+            bench("geneval", "{run}/{step}")
+        shell:
+            "{params.py} -m eval.geneval --config {params.config} --run {wildcards.run} --step {wildcards.step} --samples {input.samples} --scenes {input.scenes} --classifier {input.classifier} --out {output} > {log} 2>&1"
+
+    rule caption_attributes:
+        """I2T caption attribute recall (i2t_attr_recall) and precision against the scene record."""
+        input:
+            captions=f"{R}/samples/{{run}}/{{step}}/i2t.jsonl",
+            scenes=f"{R}/world/heldout/scenes.jsonl",
+        output:
+            metric_path("{run}", "{step}", "i2t_attr_recall"),
+        params:
+            py=PY,
+            config=CONFIG,
+        threads: 1
+        conda:
+            CONDA_ENV
+        log:
+            log("caption_attributes", "{run}/{step}"),
+        benchmark:
+            bench("caption_attributes", "{run}/{step}")
+        shell:
+            "{params.py} -m eval.caption_attributes --config {params.config} --run {wildcards.run} --step {wildcards.step} --captions {input.captions} --scenes {input.scenes} --out {output} > {log} 2>&1"
