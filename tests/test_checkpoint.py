@@ -18,21 +18,28 @@ def _model() -> torch.nn.Module:
     return model
 
 
+def _engine_files(step):
+    def save_engine(directory):  # what Engine.save does: its own files under directory/
+        (directory / "deepspeed").mkdir()
+        torch.save({"m": torch.ones(2) * step}, directory / "deepspeed" / "optim.pt")
+    return save_engine
+
+
 def _save(root, step, model=None, keep_last=2):
-    return checkpoint.save(root, step, model=model or _model(),
-                           engine_state={"optimizer": {"m": torch.ones(2) * step}, "n": step},
+    return checkpoint.save(root, step, model=model or _model(), save_engine=_engine_files(step),
                            data_state={"step": step, "t2i_tokens_seen": 10 * step},
                            meta=META, keep_last=keep_last)
 
 
-def test_save_load_roundtrip_holds_trainable_weights_engine_and_data_state(tmp_path):
+def test_save_load_roundtrip_holds_trainable_weights_engine_files_and_data_state(tmp_path):
     model = _model()
     path = _save(tmp_path, 5, model)
     ckpt = checkpoint.load(path, META)
     assert ckpt.step == 5
     assert set(ckpt.weights) == {"1.weight", "1.bias"}  # the frozen layer is not stored
     assert torch.equal(ckpt.weights["1.weight"], model[1].weight)
-    assert torch.equal(ckpt.engine["optimizer"]["m"], torch.full((2,), 5.0))
+    engine = torch.load(ckpt.engine_dir / "deepspeed" / "optim.pt", weights_only=True)
+    assert torch.equal(engine["m"], torch.full((2,), 5.0))
     assert ckpt.data == {"step": 5, "t2i_tokens_seen": 50}
     assert ckpt.meta["variant"] == "dual_tower" and ckpt.meta["step"] == 5
 
@@ -40,7 +47,7 @@ def test_save_load_roundtrip_holds_trainable_weights_engine_and_data_state(tmp_p
 def test_rank_file_loads_with_weights_only(tmp_path):
     path = _save(tmp_path, 1)
     state = torch.load(path / "rank0.pt", weights_only=True)
-    assert set(state) == {"engine", "rng", "data"}
+    assert set(state) == {"rng", "data"}
 
 
 def test_latest_ignores_incomplete_temp_dirs_and_prunes_to_keep_last(tmp_path):

@@ -1,4 +1,5 @@
-"""The DeepSpeed engine on CPU (gloo, ZeRO-2): schedule, clipping, frozen params, exact resume."""
+"""The DeepSpeed engine on CPU (gloo, ZeRO-2): schedule, clipping, frozen params, accumulation,
+exact resume from DeepSpeed's own checkpoint loaded weights_only."""
 
 import io
 
@@ -45,6 +46,9 @@ def test_lr_factor_warms_up_linearly_then_constant_or_cosine():
 def test_deepspeed_config_follows_training_config():
     cfg = deepspeed_config(TrainingConfig(grad_clip=0.5, zero_stage=2, precision="bf16"), 3)
     assert cfg["train_micro_batch_size_per_gpu"] == 3
+    assert cfg["gradient_accumulation_steps"] == 1 and cfg["train_batch_size"] == 3
+    big = deepspeed_config(TrainingConfig(), 3, gradient_accumulation_steps=4, world=2)
+    assert (big["gradient_accumulation_steps"], big["train_batch_size"]) == (4, 24)
     assert cfg["gradient_clipping"] == 0.5
     assert cfg["zero_optimization"] == {"stage": 2}
     assert cfg["bf16"] == {"enabled": True}
@@ -63,29 +67,64 @@ def test_engine_trains_only_trainable_params_with_warmup_lr():
     assert not torch.equal(model[2].weight, before)
 
 
-def test_resume_from_state_dict_is_bitwise_equal_to_uninterrupted():
+def test_resume_from_deepspeed_checkpoint_is_bitwise_equal_to_uninterrupted(tmp_path):
     full = _model()
     _train(_engine(full), range(6))
 
     first = _model()
     engine = _engine(first)
     _train(engine, range(3))
-    buf = io.BytesIO()
-    torch.save(engine.state_dict(), buf)  # checkpoint must be weights_only-loadable
-    weights = {k: v.clone() for k, v in first.state_dict().items()}
-    buf.seek(0)
-    state = torch.load(buf, weights_only=True)
+    engine.save(tmp_path)
+    files = sorted(p.name for p in (tmp_path / "deepspeed").iterdir())
+    assert files == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    module = torch.load(tmp_path / "deepspeed" / files[0], weights_only=True)["module"]
+    assert set(module) == {"2.weight", "2.bias"}  # exclude_frozen_parameters: no frozen layer
 
-    resumed = _model(seed=1)  # different init: everything must come from the checkpoint
-    with torch.no_grad():
-        for name, p in resumed.named_parameters():
-            p.copy_(weights[name])
+    resumed = _model(seed=1)  # different init: every trained value must come from the checkpoint
+    frozen = resumed[0].weight.detach().clone()
     engine = _engine(resumed)
-    engine.load_state_dict(state)
+    engine.load(tmp_path)
     assert engine.global_step == 3
+    assert torch.equal(resumed[0].weight, frozen)  # frozen weights are never loaded
+    with torch.no_grad():  # the frozen layer is the base model's: give it the same one
+        resumed[0].weight.copy_(full[0].weight), resumed[0].bias.copy_(full[0].bias)
     _train(engine, range(3, 6))
     for (name, a), b in zip(full.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_deepspeed_checkpoint_load_refuses_unlisted_pickled_classes(tmp_path):
+    engine = _engine(_model())
+    _train(engine, range(1))
+    engine.save(tmp_path)
+    optim = tmp_path / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    state = torch.load(optim, weights_only=False)
+    state["payload"] = io.StringIO("not a tensor")  # any class outside the allowlist
+    torch.save(state, optim)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        engine.load(tmp_path)
+
+
+def test_gradient_accumulation_equals_one_big_batch_of_equal_micro_batches():
+    # loss = mean over samples: 2 micro-batches of 4 accumulated (DeepSpeed divides each by 2)
+    # is the mean over all 8, so the weights match one batch of 8 up to summation order.
+    big, accumulated = _model(), _model()
+    e1 = _engine(big)
+    groups = [{"params": [p for p in accumulated.parameters() if p.requires_grad],
+               "lr": TRAINING.lr}]
+    e2 = Engine(accumulated, groups, TRAINING, micro_batch_size=4, gradient_accumulation_steps=2)
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, 4, generator=g), torch.randn(8, 1, generator=g)
+        e1.backward((e1.module(x) - y).pow(2).mean())
+        e1.step()
+        for half in (slice(0, 4), slice(4, 8)):
+            assert e2.at_boundary == (half.start == 4)
+            e2.backward((e2.module(x[half]) - y[half]).pow(2).mean())
+            e2.step()
+        assert e2.global_step == step + 1
+    for (name, a), b in zip(big.named_parameters(), accumulated.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_engine_rejects_groups_without_trainable_params():

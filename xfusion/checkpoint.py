@@ -1,18 +1,22 @@
 """Resume state: `checkpoints/step_<N>/`, written atomically, the newest found by `latest`.
 
 A checkpoint directory holds
-- `trainable.safetensors`: the trainable weights (ZeRO-2 keeps full weights on every rank; rank 0
-  writes them);
-- `rank<r>.pt`: per rank, the engine state (this rank's ZeRO optimizer shard, fp32 master
-  weights, LR scheduler), RNG states (python, numpy, torch, cuda) and the data position. Tensors
-  and primitives only, so it loads with `torch.load(weights_only=True)`: no pickled code runs;
+- `deepspeed/`: DeepSpeed's own checkpoint (`Engine.save`: `save_checkpoint` with
+  `exclude_frozen_parameters=True`): per rank its ZeRO optimizer shard with the fp32 master
+  weights, and rank 0's trainable module weights, LR schedule and step counters. It is read with
+  `torch.load(weights_only=True)` and an allowlist of three DeepSpeed data classes
+  (xfusion.engine), not DeepSpeed's default `weights_only=False`;
+- `trainable.safetensors`: the trainable weights, for people and tools (ZeRO-2 keeps full weights
+  on every rank; rank 0 writes them);
+- `rank<r>.pt`: per rank, our RNG states (python, numpy, torch, cuda) and the data position.
+  Tensors and primitives only, so it loads with `torch.load(weights_only=True)`;
 - `meta.json`: variant, base-model hash, step, world size. A checkpoint of another variant or base
   model is refused: resuming it would silently train a different experiment.
 
-Writes are atomic (`xfusion.io.atomic_dir`): every rank writes its shard into a shared
-`.step_<N>.shards/` directory (a shared filesystem under SLURM), then rank 0 assembles the final
-directory in a temp dir and renames it. A kill at any moment leaves either no `step_<N>` or a
-complete one; dot-prefixed leftovers are ignored by `latest` and removed by the next save.
+Writes are atomic (`xfusion.io.atomic_dir`): every rank writes into a shared `.step_<N>.shards/`
+directory (a shared filesystem under SLURM), then rank 0 assembles the final directory in a temp
+dir and renames it. A kill at any moment leaves either no `step_<N>` or a complete one;
+dot-prefixed leftovers are ignored by `latest` and removed by the next save.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -44,7 +48,7 @@ class Checkpoint:
     step: int
     meta: dict[str, Any]
     weights: dict[str, torch.Tensor]
-    engine: dict[str, Any]  # this rank's (its ZeRO shard)
+    engine_dir: Path  # DeepSpeed's checkpoint (Engine.load)
     rng: dict[str, Any]  # this rank's
     data: dict[str, Any]  # this rank's data position
 
@@ -122,10 +126,12 @@ def latest(root: str | Path) -> Path | None:
     return dirs[-1][1] if dirs else None
 
 
-def save(root: str | Path, step: int, *, model: torch.nn.Module, engine_state: dict[str, Any],
-         data_state: dict[str, Any], meta: dict[str, Any], keep_last: int) -> Path:
+def save(root: str | Path, step: int, *, model: torch.nn.Module,
+         save_engine: Callable[[Path], None], data_state: dict[str, Any], meta: dict[str, Any],
+         keep_last: int) -> Path:
     """Write `root/step_<step>/` atomically (collective: every rank calls it) and keep the
-    newest `keep_last` checkpoints."""
+    newest `keep_last` checkpoints. `save_engine(dir)` writes the engine's files into `dir`
+    (`Engine.save`: DeepSpeed's `dir/deepspeed/`), on every rank."""
     root = Path(root)
     rank, world = _dist()
     shards = root / f".step_{step}.shards"
@@ -133,8 +139,8 @@ def save(root: str | Path, step: int, *, model: torch.nn.Module, engine_state: d
         shutil.rmtree(shards, ignore_errors=True)
         shards.mkdir(parents=True)
     _barrier()
-    torch.save({"engine": engine_state, "rng": rng_state(), "data": data_state},
-               shards / f"rank{rank}.pt")
+    save_engine(shards)
+    torch.save({"rng": rng_state(), "data": data_state}, shards / f"rank{rank}.pt")
     _barrier()
     final = root / f"step_{step}"
     if rank == 0:
@@ -177,4 +183,4 @@ def load(path: str | Path, expected: dict[str, Any]) -> Checkpoint:
     shard = torch.load(path / f"rank{rank}.pt", weights_only=True, map_location="cpu")
     return Checkpoint(path=path, step=int(meta["step"]), meta=meta,
                       weights=load_file(str(path / "trainable.safetensors")),
-                      engine=shard["engine"], rng=shard["rng"], data=shard["data"])
+                      engine_dir=path, rng=shard["rng"], data=shard["data"])

@@ -7,8 +7,9 @@ memory comm op (cached under ~/.cache/torch_extensions), later runs start in a f
 
 The optimizer is a plain `torch.optim.AdamW` handed to DeepSpeed (hence
 `zero_allow_untested_optimizer`), with a linear warm-up then constant or cosine-decayed LR.
-`Engine.state_dict()` holds tensors and primitives only, so a checkpoint loads with
-`torch.load(weights_only=True)`.
+Gradient accumulation and checkpoints are DeepSpeed's own (`gradient_accumulation_steps`,
+`save_checkpoint`/`load_checkpoint`); its files are read with `torch.load(weights_only=True)` and
+an allowlist of three DeepSpeed data classes instead of its default `weights_only=False`.
 
 References: DeepSpeed ZeRO (Rajbhandari et al., 2020); torchtitan's train spec; X-Fusion Sec. 4
 (AdamW, beta = (0.9, 0.95), linear warm-up).
@@ -238,11 +239,13 @@ class _LRSchedule:
         return lr_factor(step, self.warmup_steps, self.total_steps, self.decay)
 
 
-def deepspeed_config(training: TrainingConfig, micro_batch_size: int) -> dict[str, Any]:
+def deepspeed_config(training: TrainingConfig, micro_batch_size: int,
+                     gradient_accumulation_steps: int = 1, world: int = 1) -> dict[str, Any]:
     """The DeepSpeed JSON config, generated from our TrainingConfig (nothing set by hand)."""
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "train_batch_size": micro_batch_size * gradient_accumulation_steps * world,
         "gradient_clipping": training.grad_clip,
         "zero_optimization": {"stage": training.zero_stage},
         # A plain torch AdamW: DeepSpeed's fused/CPU Adam kernels are not needed at our sizes and
@@ -256,24 +259,57 @@ def deepspeed_config(training: TrainingConfig, micro_batch_size: int) -> dict[st
     return config
 
 
+CHECKPOINT_TAG = "deepspeed"  # DeepSpeed's files go to <dir>/deepspeed/
+
+
+def _deepspeed_safe_globals() -> list:
+    """The only non-tensor classes DeepSpeed 0.19's ZeRO optimizer files pickle (measured with
+    torch.serialization.get_unsafe_globals_in_checkpoint, fp32 and bf16): plain data classes
+    whose unpickling runs no code of the file's choosing."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _weights_only_checkpoint_engine():
+    """DeepSpeed's torch checkpoint engine, loading with weights_only=True. DeepSpeed 0.19.8's
+    TorchCheckpointEngine.load calls torch.load(weights_only=False) (any pickled code would
+    run); this one admits tensors, primitives and the three classes above, nothing else."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return WeightsOnlyCheckpointEngine()
+
+
 class Engine:
-    """Optimizer, LR schedule, gradient clipping and ZeRO sharding around a model.
+    """Optimizer, LR schedule, gradient clipping, accumulation and ZeRO sharding around a model.
 
     Args:
         model (nn.Module): the model; only parameters in `param_groups` are trained.
         param_groups (list[dict]): AdamW groups (`params`, `lr`), e.g. `XFusionModel.param_groups`.
         training (TrainingConfig): betas, eps, weight decay, clipping, warm-up, steps, precision,
             ZeRO stage.
-        micro_batch_size (int): samples per step per rank (DeepSpeed checks it, nothing more).
+        micro_batch_size (int): samples per micro-batch per rank (DeepSpeed checks it).
         lr_decay (str): "none" (warm-up then constant, the paper) or "cosine" (decay to 0 at
             `training.steps`).
+        gradient_accumulation_steps (int): micro-batches per optimizer step (DeepSpeed's own).
 
-    Verbs: `backward(loss)`, `step()`; read `lr`, `grad_norm`, `global_step`; persist with
-    `state_dict()` / `load_state_dict()` (per rank: ZeRO shards optimizer state by rank).
+    Verbs: `backward(loss)`, `step()` once per micro-batch (DeepSpeed divides the loss by the
+    accumulation steps, averages gradients over ranks and updates only at the boundary); read
+    `lr`, `grad_norm`, `global_step`; persist with `save(dir)` / `load(dir)`: DeepSpeed's own
+    checkpoint (every rank its ZeRO shard; frozen parameters are never written), loaded with
+    weights_only=True.
     """
 
     def __init__(self, model: torch.nn.Module, param_groups: list[dict], training: TrainingConfig,
-                 micro_batch_size: int, lr_decay: str = "none"):
+                 micro_batch_size: int, lr_decay: str = "none",
+                 gradient_accumulation_steps: int = 1):
         if lr_decay not in LR_DECAYS:
             raise ValueError(f"lr_decay = {lr_decay!r}: must be one of {', '.join(LR_DECAYS)}")
         if not any(p.requires_grad for g in param_groups for p in g["params"]):
@@ -287,7 +323,9 @@ class Engine:
             optimizer, _LRSchedule(training.warmup_steps, training.steps, lr_decay))
         self._ds, self._optimizer, _, self._scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(training, micro_batch_size))
+            config=deepspeed_config(training, micro_batch_size, gradient_accumulation_steps,
+                                    world_size()))
+        self._ds.checkpoint_engine = _weights_only_checkpoint_engine()
         self.module = self._ds.module
         self.device = self._ds.device
 
@@ -295,8 +333,14 @@ class Engine:
         self._ds.backward(loss)
 
     def step(self) -> None:
-        """Clip, reduce, update the weights and advance the LR schedule."""
+        """End a micro-batch; at the accumulation boundary clip, reduce, update the weights and
+        advance the LR schedule."""
         self._ds.step()
+
+    @property
+    def at_boundary(self) -> bool:
+        """Whether the next `step()` updates the weights (the last micro-batch of a step)."""
+        return bool(self._ds.is_gradient_accumulation_boundary())
 
     @property
     def lr(self) -> float:
@@ -313,54 +357,19 @@ class Engine:
     def global_step(self) -> int:
         return int(self._ds.global_steps)
 
-    def state_dict(self) -> dict[str, Any]:
-        """This rank's optimizer shard + fp32 master weights + scheduler, tensors and primitives
-        only. DeepSpeed's own dict carries objects (loss scaler, enums, slice mappings) that
-        `torch.load(weights_only=True)` refuses; they are rebuilt from the live engine on load."""
-        opt = dict(self._optimizer.state_dict())
-        if isinstance(self._optimizer, torch.optim.Optimizer):  # ZeRO stage 0, fp32
-            return self._pack(opt)
-        if "single_partition_of_fp32_groups" not in opt:
-            raise NotImplementedError(f"Engine.state_dict: {type(self._optimizer).__name__} "
-                                      "(precision/zero_stage combination) is not supported; use "
-                                      "zero_stage 1 or 2")
-        loss_scaler = opt.pop("loss_scaler", None)
-        opt.pop("param_slice_mappings", None)  # universal-checkpoint bookkeeping, derived
-        opt["zero_stage"] = int(opt["zero_stage"]) if "zero_stage" in opt else None
-        opt["loss_scale"] = float(getattr(loss_scaler, "cur_scale", 1.0))
-        return self._pack(opt)
+    def save(self, directory: str | os.PathLike) -> None:
+        """DeepSpeed's checkpoint into `directory/deepspeed/` (collective: every rank writes its
+        ZeRO shard, rank 0 the trainable module weights, LR schedule and step counters)."""
+        self._ds.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={},
+                                 save_latest=False, exclude_frozen_parameters=True)
 
-    def _pack(self, optimizer_state: dict[str, Any]) -> dict[str, Any]:
-        return {"optimizer": optimizer_state, "scheduler": self._scheduler.state_dict(),
-                "global_steps": self.global_step, "global_samples": int(self._ds.global_samples),
-                "world_size": world_size()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore this rank's `state_dict()`. Model weights must already be in place; the fp32
-        master copy is taken from the checkpoint, so bf16 training resumes without precision loss.
-        ZeRO checkpoints are rigid (not elastic): the world size must be the one that saved."""
-        if state["world_size"] != world_size():
-            raise ValueError(f"checkpoint was written by {state['world_size']} ranks, this run "
-                             f"has {world_size()}: resume with the same number of processes")
-        if isinstance(self._optimizer, torch.optim.Optimizer):
-            self._optimizer.load_state_dict(state["optimizer"])
-        else:
-            self._load_zero_state(state["optimizer"])
-        self._scheduler.load_state_dict(state["scheduler"])
-        self._ds.global_steps = state["global_steps"]
-        self._ds.global_samples = state["global_samples"]
-
-    def _load_zero_state(self, optimizer_state: dict[str, Any]) -> None:
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-
-        live = self._optimizer.state_dict()
-        opt = dict(optimizer_state)
-        live["loss_scaler"].cur_scale = opt.pop("loss_scale")
-        opt["loss_scaler"] = live["loss_scaler"]
-        opt["zero_stage"] = ZeroStageEnum(opt["zero_stage"])
-        opt["param_slice_mappings"] = live["param_slice_mappings"]
-        # A rigid ZeRO checkpoint reads only this rank's entry of the per-rank list.
-        states: list[dict[str, Any] | None] = [None] * world_size()
-        states[rank()] = opt
-        self._optimizer.load_state_dict(states, load_optimizer_states=True,
-                                        load_from_fp32_weights=True)
+    def load(self, directory: str | os.PathLike) -> None:
+        """Restore `save(directory)`: trainable weights, this rank's optimizer shard with its fp32
+        master weights (bf16 resumes without precision loss), LR schedule, step counters. Frozen
+        weights stay those of the base model (load_module_strict=False). ZeRO checkpoints are
+        rigid: the world size must be the one that saved (checked by xfusion.checkpoint)."""
+        path, _ = self._ds.load_checkpoint(str(directory), tag=CHECKPOINT_TAG,
+                                           load_module_strict=False, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"{directory}/{CHECKPOINT_TAG}: no DeepSpeed checkpoint")

@@ -20,6 +20,8 @@ DiT train.py; X-Fusion Sec. 4 (recipe), Supp. A (REPA).
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import random
 import time
@@ -37,6 +39,7 @@ from xfusion.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from xfusion.latents import load_latents
 from xfusion.model import XFusionModel
 from xfusion.model.base import load_base_llm, text_weight_hash
+from xfusion.model.flow import add_noise, velocity_target
 from xfusion.tracking import experiment_of, start_run
 
 LOG_FIELDS = ("step", "loss", "ar_loss", "dm_loss", "repa_loss", "lr", "grad_norm",
@@ -155,6 +158,29 @@ def _cache_matches(cache: Path, key: dict, safe_open) -> bool:
 
 # --- the run ------------------------------------------------------------------------------------
 
+def trained_text_hash(llm: torch.nn.Module, base_hash: str, precision: str) -> str:
+    """The hash the frozen text weights must have after training. DeepSpeed's bf16 casts the whole
+    module, frozen weights included (mixed-dtype matmuls would fail otherwise): a no-op for a
+    base stored in bf16 (Llama-3 checkpoints), so there the base hash holds; a base stored in
+    another dtype (the tiny fp32 Llama) must equal the base cast to bf16 (deterministic
+    round-to-nearest), hashed here before training."""
+    floating = [v for v in llm.state_dict().values() if v.is_floating_point()]
+    if precision != "bf16" or all(v.dtype == torch.bfloat16 for v in floating):
+        return base_hash
+    return text_weight_hash(copy.deepcopy(llm).to(torch.bfloat16))
+
+
+def micro_batch(model: XFusionModel, samples: list, noise: torch.Tensor):
+    """`model.build_batch(samples)` noised with the stream's per-sample `noise` (B, C, h, w)
+    instead of build_batch's own draw: a sample's noise then depends on its global index only,
+    whichever rank or micro-batch holds it."""
+    batch = model.build_batch(samples, torch.Generator())  # its noise is replaced below
+    x0 = torch.stack([s.latents for s in samples]).float().to(batch.t.device)
+    noise = noise.to(x0.device)
+    return dataclasses.replace(batch, noisy_latents=add_noise(x0, noise, batch.t),
+                               velocity_target=velocity_target(x0, noise))
+
+
 def train(args: argparse.Namespace) -> dict:
     # Setup: config, distributed, seeds, output dir.
     cfg = load_run(args.config, args.run)
@@ -183,7 +209,9 @@ def train(args: argparse.Namespace) -> dict:
     stream = MixedStream(latents, captions, tokenizer, cfg, feats, rank(), world_size())
 
     # Engine: DeepSpeed ZeRO-2 around the model; AdamW over the trainable groups only.
-    engine = Engine(model, model.param_groups(t.lr), t, micro_batch_size=stream.batch_size)
+    expected_hash = trained_text_hash(llm, base_ref["text_weight_hash"], t.precision)
+    engine = Engine(model, model.param_groups(t.lr), t, micro_batch_size=stream.batch_size,
+                    gradient_accumulation_steps=stream.accumulation)
 
     # Resume from the newest complete checkpoint, if any.
     identity = {"variant": cfg.model.architecture, "base_model_hash": base_ref["text_weight_hash"]}
@@ -191,8 +219,7 @@ def train(args: argparse.Namespace) -> dict:
     seen = {"t2i_tokens_seen": 0, "i2t_tokens_seen": 0}
     if (latest := checkpoint.latest(ckpt_dir)) is not None:
         ckpt = checkpoint.load(latest, identity)
-        checkpoint.load_trainable_(model, ckpt.weights)
-        engine.load_state_dict(ckpt.engine)
+        engine.load(ckpt.engine_dir)  # trainable weights, optimizer shard, schedule, counters
         checkpoint.set_rng_state(ckpt.rng)
         start = ckpt.step
         seen = {k: ckpt.data[k] for k in seen}
@@ -210,18 +237,31 @@ def train(args: argparse.Namespace) -> dict:
                disable=rank() != 0)
     interval_tokens, interval_start = 0, time.perf_counter()
     for step in bar:
-        samples, plan = stream.batch(step)
-        batch = model.build_batch(samples, stream.noise_generator(step))
-        losses = model.compute_loss(batch)
-        if not torch.isfinite(losses.loss):
-            tracker.finish("FAILED")
-            raise FloatingPointError(
-                f"{cfg.name} step {step + 1}: loss is {losses.loss.item()} (ar "
-                f"{losses.ar_loss.item()}, dm {losses.dm_loss.item()}, repa "
-                f"{losses.repa_loss.item()}); stopped before "
-                f"the update. Last good checkpoint: {checkpoint.latest(ckpt_dir)}")
-        engine.backward(losses.loss)
-        engine.step()
+        # One optimizer step = `stream.accumulation` micro-batches per rank; DeepSpeed updates at
+        # the last. Each micro-batch's loss is its own mean (per token for AR, per T2I sample
+        # for DM); DeepSpeed divides it by the accumulation steps and averages over ranks, so a
+        # step's gradient is the uniform mean over its W x A equal-sized micro-batches: equal to
+        # one batch of all samples when every micro-batch has the same denominators (e.g. all
+        # T2I), else a weighting by micro-batch, as data-parallel training usually is.
+        micro_losses = []
+        for micro in range(stream.accumulation):
+            samples, plan = stream.batch(step, micro)
+            batch = micro_batch(model, samples, stream.noise(step, micro))
+            losses = model.compute_loss(batch)
+            if not torch.isfinite(losses.loss):
+                tracker.finish("FAILED")
+                raise FloatingPointError(
+                    f"{cfg.name} step {step + 1}: loss is {losses.loss.item()} (ar "
+                    f"{losses.ar_loss.item()}, dm {losses.dm_loss.item()}, repa "
+                    f"{losses.repa_loss.item()}); stopped before "
+                    f"the update. Last good checkpoint: {checkpoint.latest(ckpt_dir)}")
+            if engine.at_boundary != (micro == stream.accumulation - 1):
+                raise RuntimeError(f"step {step + 1}, micro-batch {micro}: DeepSpeed's "
+                                   "accumulation boundary is out of step with the stream")
+            engine.backward(losses.loss)
+            engine.step()
+            micro_losses.append(torch.stack(list(losses)))
+        losses = type(losses)(*torch.stack(micro_losses).mean(0))  # this rank's step means
         seen["t2i_tokens_seen"] += plan.t2i_tokens
         seen["i2t_tokens_seen"] += plan.i2t_tokens
         interval_tokens += plan.t2i_tokens + plan.i2t_tokens
@@ -241,16 +281,15 @@ def train(args: argparse.Namespace) -> dict:
                 tracker.log_metrics({k: row[k] for k in LOG_FIELDS if k != "step"}, done)
             interval_tokens, interval_start = 0, time.perf_counter()
         if done % t.checkpoint_every == 0 and done < t.steps:
-            checkpoint.save(ckpt_dir, done, model=model, engine_state=engine.state_dict(),
+            checkpoint.save(ckpt_dir, done, model=model, save_engine=engine.save,
                             data_state={"step": done, **seen}, meta=identity,
                             keep_last=t.keep_last)
         if done in t.eval_steps and rank() == 0:
             model.save(out / "steps" / str(done))  # atomic: a model dir the eval rules read
 
-    # Finish: frozen text weights must be untouched (bitwise; bf16 casts them, so fp32 only).
+    # Finish: frozen text weights must be untouched, bitwise, in the dtype training holds them.
     text_hash = text_weight_hash(model.llm)
-    if (cfg.model.architecture in FROZEN_TEXT_ARCHITECTURES and t.precision == "fp32"
-            and text_hash != base_ref["text_weight_hash"]):
+    if cfg.model.architecture in FROZEN_TEXT_ARCHITECTURES and text_hash != expected_hash:
         raise RuntimeError(f"{cfg.name}: frozen text weights changed during training")
     result = {"run": cfg.name, "steps": t.steps, "eval_steps": list(t.eval_steps),
               "text_weight_hash": text_hash, **seen}

@@ -9,11 +9,16 @@ Captions are truncated to `data.max_caption_tokens`. No VAE runs here: latents a
 The stream is a pure function of (seed, step): batch `step` is drawn from a generator seeded by
 both, and images are visited in seeded per-epoch permutations addressed by the global sample
 index. A resumed run therefore continues with exactly the batches an uninterrupted one would see,
-with no iterator state to save. With several ranks, every rank draws the same global batch plan
-and keeps its own share (samples r, r + W, r + 2W, …), so token counts are global on every rank.
+with no iterator state to save. Every rank draws the same global batch plan and splits it into
+W x A parts (W ranks, A accumulation steps): micro-batch m of rank r is part p = m W + r, the
+samples k with k % (W A) == p, so token counts are global on every rank. A sample's flow noise
+is drawn from a generator of (seed, step, k): any split of the same global batch sees the same
+noise, so 2 ranks x 1, 1 rank x 2 and 1 x 1 train on the same inputs.
 
 Batch size: `training.tokens_per_batch` // the longest sample layout (image tokens + the caption
-budget + bos/boi/eoi/eos; see xfusion.model.sequence), the paper's "0.8M tokens per batch".
+budget + bos/boi/eoi/eos; see xfusion.model.sequence), the paper's "0.8M tokens per batch",
+global over ranks and accumulation; `training.micro_tokens_per_batch` // the same length is one
+rank's micro-batch (`accumulation_steps`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from xfusion.config import RunConfig
+from xfusion.config import ConfigError, RunConfig
 from xfusion.io import read_jsonl
 from xfusion.model.flow import sample_t
 from xfusion.model.sequence import Sample
@@ -42,6 +47,27 @@ class BatchPlan:
     drop_caption: torch.Tensor  # (B,) bool, T2I only
     t2i_tokens: int
     i2t_tokens: int
+
+
+def accumulation_steps(tokens_per_batch: int, micro_tokens_per_batch: int | None, seq_len: int,
+                       world_size: int) -> tuple[int, int, int]:
+    """(global samples, micro-batch samples per rank, accumulation steps) of a token budget:
+    global = tokens_per_batch // seq_len, micro = micro_tokens_per_batch // seq_len (None/0: the
+    whole per-rank share), accumulation = global / (micro x world), which must be exact."""
+    key, micro_key = "config.training.tokens_per_batch", "config.training.micro_tokens_per_batch"
+    total = tokens_per_batch // seq_len
+    if total < world_size or total % world_size:
+        raise ConfigError(f"{key} = {tokens_per_batch}: fits {total} samples of up to {seq_len} "
+                          f"tokens, which do not split evenly over {world_size} ranks; make it a "
+                          f"multiple of {world_size * seq_len}")
+    micro = micro_tokens_per_batch // seq_len if micro_tokens_per_batch else total // world_size
+    if micro < 1 or total % (micro * world_size):
+        raise ConfigError(
+            f"{micro_key} = {micro_tokens_per_batch} ({micro} samples of up to {seq_len} tokens "
+            f"per rank) x {world_size} ranks does not divide {key} = {tokens_per_batch} "
+            f"({total} samples): the global batch must be a whole number of micro-batches of "
+            f"all ranks")
+    return total, micro, total // (micro * world_size)
 
 
 def read_captions(path: str | Path, ids: list[str]) -> list[str]:
@@ -64,6 +90,8 @@ class MixedStream:
         cfg (RunConfig): ratios, noise, dropout, token budget, seed, caption budget.
         target_feats (Tensor | None): (N, P, F) or (N, F) REPA targets, aligned with `latents`.
         rank, world_size (int): this process's share of each global batch.
+
+    `batch_size` is the per-rank micro-batch, `accumulation` the micro-batches per step.
     """
 
     def __init__(self, latents: torch.Tensor, captions: list[str], tokenizer, cfg: RunConfig,
@@ -82,13 +110,9 @@ class MixedStream:
         p = cfg.model.patch_size
         self.image_tokens = (h // p) * (w // p)
         self.seq_len = self.image_tokens + budget + SPECIAL_TOKENS_PER_SAMPLE
-        self.global_batch_size = cfg.training.tokens_per_batch // self.seq_len
-        if self.global_batch_size < world_size:
-            raise ValueError(
-                f"config.training.tokens_per_batch = {cfg.training.tokens_per_batch}: fits "
-                f"{self.global_batch_size} samples of up to {self.seq_len} tokens, fewer than the "
-                f"{world_size} ranks; raise it to at least {world_size * self.seq_len}")
-        self.batch_size = len(range(rank, self.global_batch_size, world_size))
+        self.global_batch_size, self.batch_size, self.accumulation = accumulation_steps(
+            cfg.training.tokens_per_batch, cfg.training.micro_tokens_per_batch, self.seq_len,
+            world_size)
         self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
     def __len__(self) -> int:
@@ -130,11 +154,11 @@ class MixedStream:
                          drop_caption=drop, t2i_tokens=int(t2i_len[is_t2i].sum()),
                          i2t_tokens=int(i2t_len[~is_t2i].sum()))
 
-    def batch(self, step: int) -> tuple[list[Sample], BatchPlan]:
-        """This rank's samples of batch `step`, and the global plan (for token counts)."""
+    def batch(self, step: int, micro: int = 0) -> tuple[list[Sample], BatchPlan]:
+        """This rank's micro-batch `micro` of batch `step`, and the global plan (token counts)."""
         plan = self.plan(step)
         samples = []
-        for k in range(self.rank, self.global_batch_size, self.world_size):
+        for k in self._part(micro):
             i = int(plan.index[k])
             samples.append(Sample(
                 task="t2i" if plan.is_t2i[k] else "i2t", caption_ids=self.caption_ids[i],
@@ -143,6 +167,16 @@ class MixedStream:
                 target_feats=None if self.target_feats is None else self.target_feats[i]))
         return samples, plan
 
-    def noise_generator(self, step: int) -> torch.Generator:
-        """The generator of this rank's flow noise at `step` (independent of the global RNG)."""
-        return self._generator(3, step, self.rank)
+    def _part(self, micro: int) -> range:
+        """Global sample indices of this rank's micro-batch `micro` (part m W + r of W A)."""
+        if not 0 <= micro < self.accumulation:
+            raise IndexError(f"micro-batch {micro}: a step has {self.accumulation}")
+        parts = self.world_size * self.accumulation
+        return range(micro * self.world_size + self.rank, self.global_batch_size, parts)
+
+    def noise(self, step: int, micro: int = 0) -> torch.Tensor:
+        """(b, C, h, w) flow noise of micro-batch `micro`: sample k's from a generator of
+        (seed, step, k), the same whichever rank or micro-batch holds it."""
+        shape = tuple(self.latents.shape[1:])
+        return torch.stack([torch.randn(shape, generator=self._generator(3, step, k))
+                            for k in self._part(micro)])

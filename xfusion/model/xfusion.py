@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaForCausalLM
@@ -142,8 +143,12 @@ class XFusionModel(nn.Module):
     def _layers(self, h: torch.Tensor, ctx: Context, capture=()):
         """Every block; returns the last hidden states and {layer (1-based): (B, L, D)}."""
         captured = {}
+        recompute = self.cfg.training.activation_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks, start=1):
-            h = block(h, ctx)
+            # Non-reentrant checkpointing: the reentrant one drops gradients when a block's
+            # input needs none and its weights are frozen, cutting the vision tower off.
+            h = (torch.utils.checkpoint.checkpoint(block, h, ctx, use_reentrant=False)
+                 if recompute else block(h, ctx))
             if i in capture:
                 captured[i] = h
         return h, captured
