@@ -89,3 +89,25 @@ def test_srun_without_job_id_or_port_is_an_error():
     del env["SLURM_JOB_ID"]
     with pytest.raises(ValueError, match="no MASTER_PORT"):
         discover_ranks(env)
+
+
+def test_accumulation_is_derived_from_the_token_budgets_and_must_divide():
+    from xfusion.config import ConfigError
+    from xfusion.data.mixing import accumulation_steps
+
+    assert accumulation_steps(8 * 44, None, 44, 2) == (8, 4, 1)  # the whole share at once
+    assert accumulation_steps(8 * 44, 0, 44, 2) == (8, 4, 1)
+    assert accumulation_steps(8 * 44, 2 * 44 + 10, 44, 2) == (8, 2, 2)
+    with pytest.raises(ConfigError, match=r"micro_tokens_per_batch = 132 .* x 2 ranks does not "
+                                          r"divide config.training.tokens_per_batch = 352"):
+        accumulation_steps(8 * 44, 3 * 44, 44, 2)
+    with pytest.raises(ConfigError, match=r"tokens_per_batch = 132: fits 3 samples .* 2 ranks"):
+        accumulation_steps(3 * 44, None, 44, 2)
+
+
+def test_micro_token_budget_above_the_global_one_is_a_config_error(tiny_config):
+    from xfusion.config import ConfigError, load_run
+
+    with pytest.raises(ConfigError, match=r"training.micro_tokens_per_batch = 4096"):
+        load_run(tiny_config({"training.tokens_per_batch": 2048,
+                              "training.micro_tokens_per_batch": 4096}))

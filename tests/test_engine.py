@@ -147,3 +147,30 @@ def test_every_variant_takes_a_zero2_step_and_moves_its_trainable_weights(
     moved = [n for n, p in model.named_parameters() if p.requires_grad
              and not torch.equal(p.detach(), before[n])]
     assert moved, f"{architecture}: no trainable weight changed after a ZeRO-2 step"
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny_xfusion, mixed_samples):
+    grads = []
+    for recompute in (False, True):
+        model = tiny_xfusion("dual_tower", {"training.activation_checkpointing": recompute})
+        batch = model.build_batch(mixed_samples(), torch.Generator().manual_seed(0))
+        model.compute_loss(batch).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    assert any(n.startswith("blocks.") and g.abs().sum() > 0 for n, g in grads[1].items())
+    for name in grads[0]:  # the vision tower gets its gradient through the frozen text layers
+        assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+def test_bf16_runs_on_the_cpu_accelerator_with_fp32_master_weights(tiny_xfusion, mixed_samples):
+    model = tiny_xfusion("dual_tower")
+    bf16 = TrainingConfig(steps=4, lr=1e-2, warmup_steps=1, precision="bf16")
+    engine = Engine(model, model.param_groups(1e-2), bf16, micro_batch_size=4)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())  # DeepSpeed casts it all
+    losses = []
+    for _ in range(3):
+        loss = model.compute_loss(model.build_batch(mixed_samples())).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and engine.global_step == 3

@@ -170,8 +170,8 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
-    # Per-rank micro-batch token budget; None or 0 = each rank's whole share of `tokens_per_batch` in
-    # one micro-batch. Gradient accumulation = global samples / (micro samples x ranks), exact.
+    # Per-rank micro-batch token budget; None or 0 = each rank's whole share of
+    # `tokens_per_batch` in one micro-batch. Accumulation = global / (micro x ranks), exact.
     micro_tokens_per_batch: int | None = None
     activation_checkpointing: bool = False  # recompute decoder blocks in backward (memory)
 class EvaluationConfig:
@@ -330,8 +330,9 @@ def validate(run: RunConfig) -> RunConfig:
            f"must be one of {', '.join(ITM_BACKENDS)}")
     _check(e.sample_steps > 0, "evaluation.sample_steps", e.sample_steps, "must be > 0")
     _check(e.n_samples > 0, "evaluation.n_samples", e.n_samples, "must be > 0")
-    _check(t.micro_tokens_per_batch is None or 0 <= t.micro_tokens_per_batch <= t.tokens_per_batch,
-           "training.micro_tokens_per_batch", t.micro_tokens_per_batch,
+    micro = t.micro_tokens_per_batch
+    _check(micro is None or 0 <= micro <= t.tokens_per_batch, "training.micro_tokens_per_batch",
+           micro,
            f"must be null/0 (no accumulation) or in [1, training.tokens_per_batch = "
            f"{t.tokens_per_batch}]")
     _check(e.top_p is None or 0 < e.top_p <= 1, "evaluation.top_p", e.top_p,
