@@ -167,13 +167,13 @@ class TrainingConfig:
     seed: int = 0
     precision: str = "fp32"  # bf16 on GPU
     zero_stage: int = 2
-
-
-@dataclass(frozen=True)
     # Per-rank micro-batch token budget; None or 0 = each rank's whole share of
     # `tokens_per_batch` in one micro-batch. Accumulation = global / (micro x ranks), exact.
     micro_tokens_per_batch: int | None = None
     activation_checkpointing: bool = False  # recompute decoder blocks in backward (memory)
+
+
+@dataclass(frozen=True)
 class EvaluationConfig:
     cfg_scale: float = 5.5
     sample_steps: int = 25
@@ -326,15 +326,15 @@ def validate(run: RunConfig) -> RunConfig:
     _check(t.precision in ("fp32", "bf16"), "training.precision", t.precision,
            "must be 'fp32' or 'bf16'")
     _check(t.zero_stage in (0, 1, 2), "training.zero_stage", t.zero_stage, "must be 0, 1 or 2")
-    _check(e.itm_backend in ITM_BACKENDS, "evaluation.itm_backend", e.itm_backend,
-           f"must be one of {', '.join(ITM_BACKENDS)}")
-    _check(e.sample_steps > 0, "evaluation.sample_steps", e.sample_steps, "must be > 0")
-    _check(e.n_samples > 0, "evaluation.n_samples", e.n_samples, "must be > 0")
     micro = t.micro_tokens_per_batch
     _check(micro is None or 0 <= micro <= t.tokens_per_batch, "training.micro_tokens_per_batch",
            micro,
            f"must be null/0 (no accumulation) or in [1, training.tokens_per_batch = "
            f"{t.tokens_per_batch}]")
+    _check(e.itm_backend in ITM_BACKENDS, "evaluation.itm_backend", e.itm_backend,
+           f"must be one of {', '.join(ITM_BACKENDS)}")
+    _check(e.sample_steps > 0, "evaluation.sample_steps", e.sample_steps, "must be > 0")
+    _check(e.n_samples > 0, "evaluation.n_samples", e.n_samples, "must be > 0")
     _check(e.top_p is None or 0 < e.top_p <= 1, "evaluation.top_p", e.top_p,
            "must be null (greedy) or in (0, 1]")
     return run
