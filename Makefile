@@ -7,10 +7,16 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CORES ?= 2
 export PATH := $(abspath $(VENV))/bin:$(PATH)
-# DeepSpeed on a machine without a GPU: CPU accelerator + gloo (see xfusion/engine.py).
-export DS_ACCELERATOR ?= cpu
+# DeepSpeed on a machine without a GPU: CPU accelerator + gloo. Set only where no NVIDIA GPU
+# answers `nvidia-smi -L` (a GPU host keeps DeepSpeed's CUDA accelerator); xfusion/engine.py also
+# falls back to cpu by itself wherever torch sees no CUDA. An explicit DS_ACCELERATOR wins.
+ifeq ($(origin DS_ACCELERATOR),undefined)
+ifeq ($(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu),)
+export DS_ACCELERATOR := cpu
+endif
+endif
 
-.PHONY: setup demo test test-fast bench mlflow-ui report lavis-env dry-run-slurm clean
+.PHONY: setup demo test test-fast test-slurm slurm-up slurm-down bench mlflow-ui report lavis-env dry-run-slurm clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +39,17 @@ test: setup
 ## Everything but the end-to-end pipeline tests (marked slow).
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
+
+## A real single-node SLURM cluster on this machine (root; installs slurm-wlm + munge if missing),
+## then the tests that submit through it (tests/test_slurm_cluster.py); `make slurm-down` stops it.
+slurm-up:
+	bash tests/slurm/cluster.sh up
+
+slurm-down:
+	bash tests/slurm/cluster.sh down
+
+test-slurm: setup slurm-up
+	XFUSION_SLURM_REQUIRED=1 $(PY) -m pytest tests/test_slurm_cluster.py tests/test_slurm_submission.py
 
 ## Measured speed ratios, one per line; also written to benchmarks/RESULTS.md.
 bench: setup
