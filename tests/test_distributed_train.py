@@ -108,7 +108,7 @@ def test_two_ranks_equal_one_rank_accumulating_two_micro_batches(two_ranks_mixed
     _finish(_launch(w, out, ranks=1))
     diff = _max_rel_diff(_weights(out), _weights(two_ranks_mixed["out"]))
     print(f"2 ranks x 1 vs 1 rank x 2, mixed tasks: max relative weight difference {diff:.2e}")
-    assert diff < 1e-5
+    assert diff < 1e-6  # measured 0: gloo's mean of 2 and DeepSpeed's loss / 2 round alike
     logs = [read_jsonl(d / "train_log.jsonl") for d in (out, two_ranks_mixed["out"])]
     assert [r["t2i_tokens_seen"] for r in logs[0]] == [r["t2i_tokens_seen"] for r in logs[1]]
 
@@ -127,10 +127,13 @@ def test_two_ranks_srun_style_accumulation_and_one_batch_train_the_same_weights(
         outputs = _finish(_launch(w, runs[name], ranks=ranks, style=style))
         if style == "slurm":
             assert "rank 1 of 2 (local rank 1, slurm)" in "".join(outputs)
-    for name in ("1x2", "1x1"):
+    # 1x2 vs 2x1: the same micro-batches, measured bitwise equal. 1x1: one batch of 4 (other
+    # padding length, other summation order of the mean), measured 1.3e-5 of each tensor's
+    # largest weight after 6 steps: fp32 rounding that Adam's g / sqrt(v) amplifies where g ~ 0.
+    for name, tol in (("1x2", 1e-6), ("1x1", 5e-5)):
         diff = _max_rel_diff(_weights(runs[name]), _weights(runs["srun_2x1"]))
         print(f"{name} vs 2x1 (srun-style), all T2I: max relative weight difference {diff:.2e}")
-        assert diff < 1e-5, name
+        assert diff < tol, name
 
 
 def test_sigkill_of_two_ranks_then_srun_style_rerun_resumes_to_the_uninterrupted_weights(
