@@ -144,14 +144,17 @@ def predict(model: AttributeClassifier, pixels: torch.Tensor,
 
 def train(model: AttributeClassifier, pixels: torch.Tensor, targets: torch.Tensor,
           e: EvaluationConfig, generator: torch.Generator) -> list[float]:
-    """Adam on the summed per-cell cross-entropies; each batch gets Gaussian pixel noise of a
-    random std up to `attr_augment_noise`, so slightly noisy generated images still read."""
+    """Adam on the summed per-cell cross-entropies. Generated images are noisier and softer
+    than the rendered ones, so training images get Gaussian pixel noise of a random std up to
+    `attr_augment_noise` and, with probability `attr_augment_blur`, a 3x3 box blur."""
     opt = torch.optim.Adam(model.parameters(), lr=e.attr_lr)
     model.train()
     losses = []
     for _ in tqdm(range(e.attr_steps), desc="attribute classifier", unit="step"):
         b = torch.randint(len(pixels), (min(e.attr_batch_size, len(pixels)),), generator=generator)
         x = pixels[b]
+        blur = torch.rand(len(b), 1, 1, 1, generator=generator) < e.attr_augment_blur
+        x = torch.where(blur, F.avg_pool2d(x, 3, 1, 1, count_include_pad=False), x)
         std = e.attr_augment_noise * torch.rand(len(b), 1, 1, 1, generator=generator)
         x = x + std * torch.randn(x.shape, generator=generator)
         loss = sum(F.cross_entropy(logits.flatten(0, 1), targets[b][..., k].flatten())

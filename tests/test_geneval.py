@@ -1,13 +1,18 @@
 """eval.attribute_classifier + eval.geneval (`t2i_attr_acc`): real held-out images score near
 100 %, pure noise near chance, a perfect reading exactly 1; the classifier reports its quality.
 
-One classifier per module (~25 s on one core): 1000 train images, 300 steps at width 16.
+One classifier per module (~20 s on one idle core): 1000 train images, 300 steps of 64 at
+width 16, without the blur augmentation. Measured over seeds 0-2: held-out shape+colour
+0.985-1.0 (batches of 32: 0.82-0.945; with blur: 0.95-0.985); the DAG's recipe (600 steps,
+width 32, blur) reached 0.996 on the 256 held-out images of the tiny world.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,12 +23,12 @@ from PIL import Image
 from eval import attribute_classifier as ac
 from eval import geneval
 from xfusion.config import load_run
-from xfusion.data import save_png
-from xfusion.data.world import COLOURS, SHAPES, sample_scene, write_split
+from xfusion.data import load_pixels, save_png
+from xfusion.data.world import COLOURS, SHAPES, render, sample_scene, write_split
 from xfusion.io import atomic_write_jsonl, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
-TOY = {"attr_steps": 300, "attr_width": 16, "attr_batch_size": 32}
+TOY = {"attr_steps": 300, "attr_width": 16, "attr_batch_size": 64, "attr_augment_blur": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +130,20 @@ def test_record_whose_labels_are_not_its_first_object_is_refused():
         ac.primary({"id": "x", "scene": scene, "labels": {"shape": "circle", "colour": "red"}})
     with pytest.raises(SystemExit, match="no scene record"):
         ac.primary({"id": "x", "scene": None, "labels": None})
+
+
+def test_training_with_full_augmentation_lowers_the_loss():
+    vocab = ac.world_vocab()
+    rng = random.Random(0)
+    scenes = [sample_scene(rng, 3) for _ in range(64)]
+    with tempfile.TemporaryDirectory() as d:
+        for i, s in enumerate(scenes):
+            save_png(render(s, 32), Path(d) / f"{i}.png")
+        pixels = torch.stack([load_pixels(Path(d) / f"{i}.png") for i in range(len(scenes))])
+    targets = torch.stack([ac.cell_targets(s, vocab) for s in scenes])
+    e = replace(load_run(ROOT / "config" / "tiny.yaml").evaluation, attr_steps=30, attr_width=8,
+                attr_batch_size=16, attr_augment_blur=1.0, attr_augment_noise=0.2)
+    torch.manual_seed(0)
+    losses = ac.train(ac.AttributeClassifier(vocab, e.attr_width), pixels, targets, e,
+                      torch.Generator().manual_seed(0))
+    assert len(losses) == 30 and sum(losses[-5:]) < sum(losses[:5])

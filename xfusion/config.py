@@ -221,6 +221,14 @@ class RunConfig:
     attr_batch_size: int = 64
     attr_lr: float = 2e-3
     attr_width: int = 32  # channels of the first conv stage (then 2x, 2x)
+    attr_augment_blur: float = 0.5  # share of training images softened by a 3x3 box blur
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one trained variant needs: the base recipe with a run's overrides applied."""
+
+    name: str
     attr_augment_noise: float = 0.1  # max std of the Gaussian pixel noise added in training
     scale: str
     results_dir: str
