@@ -208,19 +208,13 @@ class EvaluationConfig:
     # (bert_score's default for English is roberta-large, layer 17).
     bertscore_model: str = "judge_clip"
     bertscore_layer: int = -1
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything one trained variant needs: the base recipe with a run's overrides applied."""
-
-    name: str
     # Ground-truth T2I attribute accuracy (eval.geneval): a small CNN the pipeline trains on the
     # tiny world's real train images (eval/attribute_classifier.py); needs scene records.
     attr_steps: int = 600
     attr_batch_size: int = 64
     attr_lr: float = 2e-3
     attr_width: int = 32  # channels of the first conv stage (then 2x, 2x)
+    attr_augment_noise: float = 0.1  # max std of the Gaussian pixel noise added in training
     attr_augment_blur: float = 0.5  # share of training images softened by a 3x3 box blur
 
 
@@ -229,7 +223,6 @@ class RunConfig:
     """Everything one trained variant needs: the base recipe with a run's overrides applied."""
 
     name: str
-    attr_augment_noise: float = 0.1  # max std of the Gaussian pixel noise added in training
     scale: str
     results_dir: str
     seed: int
