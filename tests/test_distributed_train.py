@@ -113,8 +113,9 @@ def test_two_ranks_equal_one_rank_accumulating_two_micro_batches(two_ranks_mixed
     assert [r["t2i_tokens_seen"] for r in logs[0]] == [r["t2i_tokens_seen"] for r in logs[1]]
 
 
-def test_two_ranks_srun_style_accumulation_and_one_batch_train_the_same_weights(world,
-                                                                                tmp_path):  # noqa: F811
+@pytest.mark.slow  # three runs: about 2.5 min on 2 busy cores
+def test_srun_two_ranks_accumulation_and_one_batch_train_the_same_weights(
+        world, tmp_path):  # noqa: F811
     # All-T2I: every micro-batch's DM loss is a mean over its own 2 samples, so the mean of the
     # micro-batch losses is exactly the mean over all 4: even one batch of 4 is the same math.
     common = {"training.t2i_ratio": 1.0}
@@ -136,6 +137,7 @@ def test_two_ranks_srun_style_accumulation_and_one_batch_train_the_same_weights(
         assert diff < tol, name
 
 
+@pytest.mark.slow  # a killed and a resumed 2-rank run: about 80 s on 2 busy cores
 def test_sigkill_of_two_ranks_then_srun_style_rerun_resumes_to_the_uninterrupted_weights(
         two_ranks_mixed, tmp_path):
     w, full = two_ranks_mixed["world"], two_ranks_mixed["out"]
