@@ -5,11 +5,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from xfusion.caption import OPENINGS
 from xfusion.config import ConfigError, load_run
 from xfusion.data.world import COLOURS, LETTERS, generate_world, mmlu_header
 from xfusion.io import read_jsonl
 
-SMALL = {"data.n_train": 12, "data.n_heldout": 4, "data.n_corpus_facts": 300}
+SMALL = {"data.n_train": 12, "data.n_heldout": 4, "data.n_corpus_facts": 300,
+         "data.n_corpus_descriptions": 50}
+# A scene description starts with one of the captioner's openings (up to its first placeholder).
+DESCRIPTION_STARTS = tuple(o.split("{")[0] for o in OPENINGS)
 STOP = {"what", "is", "the", "of", "a", "an", "how", "many", "does", "have", "which", "do", "you",
         "get", "by", "colour", "these", "shape", "has", "and", "country"}
 
@@ -40,7 +44,8 @@ def split_corpus(text: str) -> tuple[list[str], list[tuple[str, tuple[str, ...],
             items.append((line, options, answer.group(1)))
             i += 6
             continue
-        if line and not line.startswith("The following are multiple choice questions"):
+        if (line and not line.startswith("The following are multiple choice questions")
+                and not line.startswith(DESCRIPTION_STARTS)):
             facts.append(line)
         i += 1
     return facts, items
@@ -102,6 +107,20 @@ def test_corpus_has_configured_fact_lines_and_harness_format_practice(tiny_confi
     assert mmlu_header("shapes") in text
     for question, options, letter in items:
         assert len(set(options)) == 4 and letter in LETTERS
+
+
+def test_corpus_describes_scenes_in_the_captions_language(tiny_config, tmp_path):
+    out, cfg = make_world(tiny_config, tmp_path, "w")
+    lines = (out / "corpus.txt").read_text().split("\n")
+    descriptions = [line for line in lines if line.startswith(DESCRIPTION_STARTS)]
+    assert len(descriptions) == cfg.data.n_corpus_descriptions
+    captions = {row["caption"] for row in read_jsonl(out / "train" / "scenes.jsonl")
+                if "caption" in row}
+    # Scenes of their own: the descriptions teach the phrasing, not the training pairs.
+    assert not captions & set(descriptions)
+    words = set(" ".join(descriptions).replace(".", " ").replace(",", " ").split())
+    assert {"large", "small", "left", "right", "above", "background"} <= words
+    assert set(COLOURS) <= words
 
 
 def test_mmlu_csv_layout_balanced_answers_and_gold_fact_in_corpus(tiny_config, tmp_path):

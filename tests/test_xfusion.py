@@ -39,6 +39,32 @@ def test_noisy_latents_and_velocity_follow_rectified_flow(mixed_samples):
     assert torch.equal(b.noisy_latents[1], x0[1])  # a clean I2T image (t = 0)
 
 
+def test_sample_prediction_turns_the_clean_image_into_the_exact_velocity(tiny_xfusion,
+                                                                          mixed_samples):
+    """model.prediction: sample (JiT): an output layer that predicts x0 exactly gives the
+    velocity target eps - x0 exactly, and the DM loss is then 0; v-prediction reads the same
+    output as the velocity itself."""
+    samples = [s for s in mixed_samples(0) if s.task == "t2i"]
+    x_pred = tiny_xfusion("dual_tower", {"model.prediction": "sample"})
+    b = x_pred.build_batch(samples, torch.Generator().manual_seed(0))
+    assert (b.t >= 0.05).all()  # the clip of t is not exercised by this batch
+    x0 = torch.stack([s.latents for s in samples])
+    h = torch.randn(len(samples), 4, x_pred.llm.config.hidden_size)
+    x_pred.image_io.decode = lambda hidden, height, width: x0  # a perfect x0 predictor
+    v = x_pred.velocity(h, (4, 4), b.noisy_latents, b.t)
+    assert torch.allclose(v, b.velocity_target, atol=1e-5)
+    v_pred = tiny_xfusion("dual_tower")
+    v_pred.image_io.decode = lambda hidden, height, width: x0
+    assert torch.equal(v_pred.velocity(h, (4, 4), b.noisy_latents, b.t), x0)
+
+
+def test_prediction_must_be_known(tiny_config):
+    from xfusion.config import load_run
+
+    with pytest.raises(ConfigError, match="model.prediction"):
+        load_run(tiny_config({"model.prediction": "epsilon"}), "dual_tower")
+
+
 def test_dm_loss_ignores_i2t_images_and_ar_loss_ignores_t2i_captions(tiny_xfusion, mixed_samples):
     model = tiny_xfusion("dual_tower")
     s = mixed_samples(0)

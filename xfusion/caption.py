@@ -38,7 +38,7 @@ OPENINGS = ("The image shows {n} on a plain light grey background.",
             "A simple image with {n} on a light grey background.")
 OBJECT_PHRASES = ("{A} {size} {colour} {shape} is at the {position}.",
                   "At the {position} there is {a} {size} {colour} {shape}.",
-                  "{A} {colour} {shape}, {size} in size, sits at the {position}.",
+                  "{Ac} {colour} {shape}, {size} in size, sits at the {position}.",
                   "The {position} of the image holds {a} {size} {colour} {shape}.")
 RELATION_PHRASES = ("The {s} is {relation} the {o}.", "The {o} is {inverse} the {s}.")
 INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
@@ -61,9 +61,10 @@ def scene_caption(image_id: str, scene: dict) -> str:
     n = len(objects)
     parts = [rng.choice(OPENINGS).format(n=COUNT_WORDS[n], are="is" if n == 1 else "are")]
     for obj in objects:
-        a = article(obj["size"])
+        a = article(obj["size"])  # {a}/{A} precede the size, {Ac} the colour
         parts.append(rng.choice(OBJECT_PHRASES).format(
-            a=a, A=a.capitalize(), size=obj["size"], colour=obj["colour"], shape=obj["shape"],
+            a=a, A=a.capitalize(), Ac=article(obj["colour"]).capitalize(), size=obj["size"],
+            colour=obj["colour"], shape=obj["shape"],
             position=obj["position"]))
     for rel in scene["relations"]:
         s, o = objects[rel["subject"]], objects[rel["object"]]

@@ -105,6 +105,9 @@ class ModelConfig:
     patch_size: int = 2
     gate_text: bool = False  # gated_tower: also gate text positions (breaks text invariance)
     shallow: bool = False  # dual_projection: modality-specific MLP only (LlamaFusion's shallow)
+    # What the image output layer predicts: "velocity" (SD3, the paper) or "sample" (clean x0,
+    # JiT; the velocity follows from it) for tokens wider than the model (tiny pixel codec).
+    prediction: str = "velocity"
     base_lm: BaseLMConfig = field(default_factory=BaseLMConfig)
     codec: ImageCodecConfig = field(default_factory=ImageCodecConfig)
     repa: RepaConfig = field(default_factory=RepaConfig)
@@ -131,6 +134,9 @@ class DataConfig:
     n_heldout: int = 256
     max_shapes: int = 3
     n_corpus_facts: int = 4000
+    # Scene descriptions (captions of random scenes, no image) in the corpus: the tiny LLM's
+    # "English". A frozen text tower can only write captions in a language it already knows.
+    n_corpus_descriptions: int = 0
     mmlu_subjects: tuple[str, ...] = ("geography", "colours", "shapes", "arithmetic")
     mmlu_dev_per_subject: int = 5
     mmlu_test_per_subject: int = 40
@@ -283,6 +289,9 @@ def _check(cond: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"config.{key} = {value!r}: {why}")
 
 
+PREDICTIONS = ("velocity", "sample")  # what the image output layer predicts (ModelConfig)
+
+
 def validate(run: RunConfig) -> RunConfig:
     """Value checks shared by every entry point; messages name the dotted key."""
     m, d, t, e = run.model, run.data, run.training, run.evaluation
@@ -295,6 +304,8 @@ def validate(run: RunConfig) -> RunConfig:
     _check(m.codec.kind in IMAGE_CODECS, "model.codec.kind", m.codec.kind,
            f"must be one of {', '.join(IMAGE_CODECS)}")
     _check(m.patch_size >= 1, "model.patch_size", m.patch_size, "must be >= 1")
+    _check(m.prediction in PREDICTIONS, "model.prediction", m.prediction,
+           f"must be one of {', '.join(PREDICTIONS)}")
     _check(m.repa.layer >= 1, "model.repa.layer", m.repa.layer, "must be >= 1")
     _check(d.source in ("world", "folder"), "data.source", d.source, "must be 'world' or 'folder'")
     _check(d.captioner.backend in CAPTION_BACKENDS, "data.captioner.backend",

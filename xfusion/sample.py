@@ -93,7 +93,8 @@ def generate_images(model: XFusionModel, prompt_ids: list[list[int]], steps: int
                                             torch.cat([text, image], 1).long(),
                                             torch.cat([prefix_valid, image], 1))
             h_image = hidden[:, -P:]
-        v = model.velocity(h_image, (h, w)).float()  # (n, C, h, w)
+        v = model.velocity(h_image, (h, w), torch.cat([x, x]) if guided else x,
+                           t).float()  # (n, C, h, w)
         if guided:
             v_cond, v_uncond = v.chunk(2)
             v = v_uncond + cfg_scale * (v_cond - v_uncond)

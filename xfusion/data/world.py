@@ -8,8 +8,8 @@
   corpus.txt        text to pretrain the tiny Llama;
   mmlu/{dev,test}/<subject>_{dev,test}.csv   hendrycks layout, no header.
 
-Why the corpus looks the way it does: a 4-layer, 128-wide Llama pretrained for ~1500 steps must
-beat chance on the tiny MMLU. Seeing each fact once is not enough for such a model, and neither is
+Why the corpus looks the way it does: a 4-layer, 128-wide Llama pretrained for
+`model.base_lm.pretrain_steps` steps must beat chance on the tiny MMLU. Seeing each fact once is not enough for such a model, and neither is
 knowing the fact without the multiple-choice format. So the corpus holds
   * `data.n_corpus_facts` fact lines: every fact in several phrasings, cycled so each appears
     several times ("a triangle has three sides." / "the number of sides of a triangle is three.");
@@ -18,6 +18,9 @@ knowing the fact without the multiple-choice format. So the corpus holds
     Answer: X"), grouped under the harness's subject header like a few-shot prompt, each item with
     a distractor set or option order that no dev/test item of the same question uses. The model
     thus learns facts and format, and the benchmark still tests the fact under options it never saw.
+  * `data.n_corpus_descriptions` descriptions of random scenes (no image; phrased by the scene
+    captioner): the tiny LLM's "English". X-Fusion keeps the LLM frozen and relies on its
+    language; a tiny LLM that never read a description cannot be steered into writing one.
 The corpus is one text stream: a fact per line, practice blocks separated by blank lines; pack it
 as one token stream rather than one document per line. Test answers are spread evenly over A-D.
 
@@ -39,6 +42,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from xfusion.caption import scene_caption  # the captioner's phrasing: one source of it
 from xfusion.config import ConfigError, DataConfig, load_run
 from xfusion.data import save_png
 from xfusion.io import atomic_write_jsonl, atomic_write_text
@@ -339,6 +343,16 @@ def csv_text(items: list[tuple[Fact, list[str]]]) -> str:
     return buf.getvalue()
 
 
+def scene_descriptions(data: DataConfig, seed: int) -> list[str]:
+    """`data.n_corpus_descriptions` captions of random scenes that no image shows: the language
+    of descriptions for the tiny LLM, as English is Llama's. With a frozen text tower the vision
+    tower can only steer a language the LLM already speaks; without these lines the tiny LLM
+    knows facts and quiz items only and no caption loss can teach it to describe."""
+    rng = random.Random(f"descriptions-{seed}")
+    return [scene_caption(f"description-{seed}-{k}", sample_scene(rng, data.max_shapes))
+            for k in range(data.n_corpus_descriptions)]
+
+
 def write_text_data(out: Path, data: DataConfig, seed: int) -> None:
     """corpus.txt and mmlu/{dev,test}/*.csv from the same facts."""
     all_facts: list[Fact] = []
@@ -376,7 +390,7 @@ def write_text_data(out: Path, data: DataConfig, seed: int) -> None:
         rng.shuffle(pool)
         lines += pool[:data.n_corpus_facts - len(lines)]
     # Interleave practice blocks among the fact lines, each block a paragraph of its own.
-    entries: list[str] = lines + blocks
+    entries: list[str] = lines + blocks + scene_descriptions(data, seed)
     rng.shuffle(entries)
     text = ""
     for entry in entries:

@@ -32,6 +32,8 @@ from xfusion.model.repa import RepaHead
 from xfusion.model.sequence import IGNORE, MultimodalBatch, Sample, SpecialIds, build_batch
 from xfusion.model.towers import BLOCKS, IMG, TXT, Context, KVCache, Route
 
+T_MIN = 0.05  # JiT's clip of t in v = (x_t - x0) / t (model.prediction: sample)
+
 
 class LossOutput(NamedTuple):
     loss: torch.Tensor
@@ -203,9 +205,23 @@ class XFusionModel(nn.Module):
         B = batch.input_ids.shape[0]
         return {l: captured[l][batch.image_mask].view(B, -1, captured[l].shape[-1]) for l in layers}
 
-    def velocity(self, h_image: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
-        """(B, P, D) last hidden states of image tokens -> (B, C, h, w) velocity."""
-        return self.image_io.decode(h_image, *latent_hw)
+    def velocity(self, h_image: torch.Tensor, latent_hw: tuple[int, int], x_t: torch.Tensor,
+                 t: torch.Tensor) -> torch.Tensor:
+        """(B, P, D) last hidden states of image tokens at noisy latents `x_t` (B, C, h, w) and
+        times `t` (B,) -> (B, C, h, w) velocity.
+
+        `model.prediction` says what the output layer predicts. "velocity" (SD3, the paper): the
+        output is v. "sample" (JiT, Li & He 2025): the output is the clean x0 and
+        v = (x_t - x0) / t. A token wider than the model (a 2x2 patch of the tiny pixel codec's
+        48 channels is 192 values, the tiny Llama 128 wide) cannot carry the noise that v holds,
+        so v-prediction leaves per-pixel noise in every sample; clean images lie on a
+        low-dimensional manifold that such a token can carry. t is clipped at `T_MIN` there, as
+        in JiT, so that the division stays bounded near clean images."""
+        out = self.image_io.decode(h_image, *latent_hw)
+        if self.cfg.model.prediction == "velocity":
+            return out
+        t = t.clamp(min=T_MIN).view(-1, *([1] * (out.dim() - 1))).to(out.dtype)
+        return (x_t.to(out.dtype) - out) / t
 
     def compute_loss(self, batch: MultimodalBatch) -> LossOutput:
         """lambda_AR * CE(I2T caption tokens) + lambda_DM * MSE(velocity of T2I images)
@@ -221,7 +237,7 @@ class XFusionModel(nn.Module):
               if has_target.any() else zero)
         # Flow-matching loss on T2I images (dm_weight 0 for I2T).
         v = self.velocity(h[batch.image_mask].view(B, -1, h.shape[-1]),
-                          tuple(batch.noisy_latents.shape[-2:]))
+                          tuple(batch.noisy_latents.shape[-2:]), batch.noisy_latents, batch.t)
         mse = (v.float() - batch.velocity_target.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
         dm = (batch.dm_weight * mse).sum() / batch.dm_weight.sum().clamp(min=1.0)
         repa = zero
