@@ -1,5 +1,6 @@
 """Tiny base-LM pretraining: step-addressed batches, the harness's MMLU prompt, exact resume,
-the outputs the model stage reads, and (slow) a clear margin over chance on the tiny MMLU."""
+the outputs the model stage reads, bitwise-reproducible weights across thread counts and hash
+seeds, and (slow) a clear margin over chance on the tiny MMLU."""
 
 from __future__ import annotations
 
@@ -117,6 +118,77 @@ def test_interrupted_pretraining_resumes_to_identical_weights(text_world, tmp_pa
                         str(text_world["mmlu"]), "--out", str(tmp_path / "mmlu.json")])
     assert scored["value"] == result["value"]
     assert scored["details"]["per_subject"] == result["details"]["per_subject"]
+
+
+# Big enough that the intra-op thread count changes the weights when it is not pinned (the
+# logits' cross-entropy and the matmuls' reductions are split over threads), small enough to
+# take seconds; a few images only feed the captions the tokenizer also reads.
+CHAIN = {**SMALL, "data.n_train": 16, "data.n_heldout": 8,
+         "model.base_lm.tiny": {**SMALL["model.base_lm.tiny"], "hidden_size": 64,
+                                "intermediate_size": 128},
+         "model.base_lm.pretrain_steps": 10, "model.base_lm.pretrain_warmup_steps": 2,
+         "model.base_lm.pretrain_batch_size": 8, "model.base_lm.pretrain_seq_len": 128,
+         "training.checkpoint_every": 1000}
+
+
+def _chain(config: Path, root: Path, env: dict) -> subprocess.Popen:
+    """world -> caption -> tokenizer -> pretraining, each the command its Snakemake rule runs."""
+    py, cfg = sys.executable, str(config)
+    steps = [
+        [py, "-m", "xfusion.data.world", "--config", cfg, "--out", root / "world"],
+        [py, "-m", "xfusion.caption", "--config", cfg, "--scenes",
+         root / "world/train/scenes.jsonl", "--out", root / "captions/train.jsonl"],
+        [py, "-m", "xfusion.tokenizer", "--config", cfg, "--corpus", root / "world/corpus.txt",
+         "--captions", root / "captions/train.jsonl", "--out", root / "tokenizer"],
+        [py, "-m", "xfusion.pretrain_lm", "--config", cfg, "--tokenizer", root / "tokenizer",
+         "--corpus", root / "world/corpus.txt", "--mmlu", root / "world/mmlu", "--out",
+         root / "base_lm"],
+    ]
+    script = " && ".join(" ".join(f"'{a}'" for a in step) for step in steps)
+    return subprocess.Popen(["bash", "-c", script], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_pretraining_chain_is_bitwise_reproducible_across_threads_and_hash_seeds(tmp_path):
+    """Two runs of the chain under different thread counts (OMP/MKL for torch, RAYON for the
+    tokenizer trainer) and PYTHONHASHSEEDs, side by side as Snakemake runs jobs: every
+    artefact, the weights included, is bitwise the same. Without the pinned intra-op thread
+    count (xfusion.pretrain_lm.pin_numerics) the weights differed between 1 and 2 threads."""
+    config = _config(tmp_path, CHAIN, "chain.yaml")
+    base_env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    for key in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        base_env.pop(key, None)
+    conditions = {"a": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1",
+                        "PYTHONHASHSEED": "0"},
+                  "b": {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "RAYON_NUM_THREADS": "2",
+                        "PYTHONHASHSEED": "1", "TOKENIZERS_PARALLELISM": "true"}}
+    procs = {k: _chain(config, tmp_path / k, {**base_env, **v}) for k, v in conditions.items()}
+    for k, proc in procs.items():
+        log = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, f"chain {k}: {log[-3000:]}"
+
+    # In pipeline order, so a failure names the first artefact that differs.
+    a, b = tmp_path / "a", tmp_path / "b"
+    artefacts = ["world/corpus.txt", *sorted(str(p.relative_to(a)) for p in
+                                             (a / "world/mmlu").rglob("*.csv")),
+                 "world/train/scenes.jsonl", "captions/train.jsonl", "tokenizer/tokenizer.json"]
+    for rel in artefacts:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), f"{rel} differs"
+    wa = load_file(str(a / "base_lm/hf/model.safetensors"))
+    wb = load_file(str(b / "base_lm/hf/model.safetensors"))
+    differing = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert wa.keys() == wb.keys() and not differing, f"weights differ: {differing[:5]}"
+    ra = json.loads((a / "base_lm/pretrain_mmlu.json").read_text())
+    rb = json.loads((b / "base_lm/pretrain_mmlu.json").read_text())
+    assert ra == rb
+
+
+def test_pin_numerics_restores_the_process_settings():
+    threads = torch.get_num_threads()
+    with pretrain_lm.pin_numerics(threads=1):
+        assert torch.get_num_threads() == 1 and torch.are_deterministic_algorithms_enabled()
+    assert torch.get_num_threads() == threads
+    assert not torch.are_deterministic_algorithms_enabled()
 
 
 @pytest.mark.slow

@@ -8,8 +8,22 @@ it, so the harness's BOS-free prompts at evaluation are in distribution), AdamW 
 cosine decay. Checkpoints and automatic resume as in `xfusion.train`. Writes `hf/` (the
 LlamaForCausalLM and its tokenizer, safetensors), `base_model.json` and `pretrain_mmlu.json`: the
 tiny MMLU (5-shot, log-likelihood of " A".." D", xfusion.mmlu: the scorer eval.mmlu uses)
-measured on the result, which must be well above chance (25%) for the frozen-text-tower
-comparisons to mean anything.
+measured on the result. Nothing here checks that number: the frozen-text-tower comparisons only
+mean something well above chance (25%), which the slow test of tests/test_pretrain_lm.py asserts
+for the tiny recipe; read pretrain_mmlu.json (the log prints it too) after changing the recipe.
+
+Reproducibility: floating-point sums are not associative, so a kernel's result depends on how it
+splits a reduction over threads (the intra-op thread count: Snakemake's `threads` via
+OMP_NUM_THREADS, else every core) and on the CPU kernels it dispatches to (AVX-512 vs AVX2); a
+last-bit difference at step 1 grows into another model by step 1000. The pretraining therefore
+runs on `PRETRAIN_THREADS` intra-op threads whatever the machine or environment says, with
+deterministic algorithms, and `python -m` pins the x86 kernel family to AVX2 (`NUMERICS_ENV`:
+ATen's dispatch, MKL's conditional numerical reproducibility). Same inputs -> bitwise-identical
+weights on one machine whatever its core count (tested), and the same bits on AVX-512 and AVX2
+x86 CPUs (emulated on one AVX-512 CPU by forcing each dispatch, not run on two machines); ARM
+or GPU runs compute other bits. The world, captions and tokenizer are deterministic already:
+tests/test_pretrain_lm.py runs the chain twice under different thread counts and hash seeds and
+compares every artefact and the weights bitwise.
 
 Paper scale (`source: pretrained`): nothing is trained; `base_model.json` names
 `model.base_lm.path`. Its `text_weight_hash` is computed by loading the weights on the CPU (a few
@@ -23,8 +37,10 @@ References: nanoGPT train.py (flat loop, packed token stream, cosine LR); lm-eva
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -40,6 +56,33 @@ from xfusion.mmlu import causal_lm_loglik, evaluate_mmlu, load_mmlu
 from xfusion.model.base import build_tiny_llama, load_base_llm, text_weight_hash
 from xfusion.tokenizer import ANSWER_LETTERS, load_tokenizer
 
+
+
+# Intra-op threads of the pretraining, whatever the machine or OMP_NUM_THREADS says: the thread
+# count changes how reductions are split, hence the weights (see the module docstring). One, as
+# Snakemake gives the base_lm rule (workflow/rules/base.smk `threads: 1`).
+PRETRAIN_THREADS = 1
+# x86 kernel families pinned for the process (set before the first kernel runs): ATen's CPU
+# dispatch and MKL's code path (CNR mode), so AVX-512 and AVX2 machines compute the same bits.
+# A value already in the environment wins; a CPU without AVX2 falls back to its own kernels.
+NUMERICS_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT"}
+
+
+@contextlib.contextmanager
+def pin_numerics(threads: int = PRETRAIN_THREADS):
+    """Within the block, training arithmetic depends on the inputs only: a fixed intra-op thread
+    count and deterministic kernels (warn, not fail, where an op has none on the GPU). Restores
+    the process's settings afterwards (pretrain() also runs inside the test process)."""
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), \
+        torch.is_deterministic_algorithms_warn_only_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1], warn_only=before[2])
 
 
 # --- data: the corpus as one token stream --------------------------------------------------------
@@ -94,7 +137,12 @@ def mmlu_accuracy(llm, tokenizer, mmlu_dir: Path, shots: int) -> dict:
 # --- the two scales ----------------------------------------------------------------------------
 
 def pretrain(cfg: RunConfig, tokenizer_dir: Path, corpus: Path, mmlu_dir: Path, out: Path) -> dict:
-    """Pretrain the tiny Llama with checkpoint/resume; returns the MMLU result."""
+    """Pretrain the tiny Llama with checkpoint/resume (pinned numerics); returns the MMLU result."""
+    with pin_numerics():
+        return _pretrain(cfg, tokenizer_dir, corpus, mmlu_dir, out)
+
+
+def _pretrain(cfg: RunConfig, tokenizer_dir: Path, corpus: Path, mmlu_dir: Path, out: Path) -> dict:
     base = cfg.model.base_lm
     # Setup: seed, tokenizer, model, engine.
     torch.manual_seed(cfg.training.seed)
@@ -112,8 +160,7 @@ def pretrain(cfg: RunConfig, tokenizer_dir: Path, corpus: Path, mmlu_dir: Path, 
     ckpt_dir, start = out / "checkpoints", 0
     if (latest := checkpoint.latest(ckpt_dir)) is not None:  # resume after a kill
         ckpt = checkpoint.load(latest, identity)
-        checkpoint.load_trainable_(llm, ckpt.weights)
-        engine.load_state_dict(ckpt.engine)
+        engine.load(ckpt.engine_dir)  # weights, optimizer state, schedule, counters
         checkpoint.set_rng_state(ckpt.rng)
         start = ckpt.step
         print(f"resuming {out} from step {start}")
@@ -138,7 +185,7 @@ def pretrain(cfg: RunConfig, tokenizer_dir: Path, corpus: Path, mmlu_dir: Path, 
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{engine.lr:.2e}",
                             tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
         if (step + 1) % cfg.training.checkpoint_every == 0 and step + 1 < base.pretrain_steps:
-            checkpoint.save(ckpt_dir, step + 1, model=llm, engine_state=engine.state_dict(),
+            checkpoint.save(ckpt_dir, step + 1, model=llm, save_engine=engine.save,
                             data_state={"step": step + 1}, meta=identity,
                             keep_last=cfg.training.keep_last)
 
@@ -177,6 +224,8 @@ def main() -> None:
     parser.add_argument("--mmlu", required=True, type=Path, help="R/world/mmlu")
     parser.add_argument("--out", required=True, type=Path, help="R/base_lm/<name>")
     args = parser.parse_args()
+    for key, value in NUMERICS_ENV.items():  # before the first kernel: read once per process
+        os.environ.setdefault(key, value)
     cfg = load_run(args.config, args.run)
     if cfg.model.base_lm.source == "pretrained":
         name_pretrained(cfg, args.tokenizer, args.out)

@@ -24,6 +24,10 @@ rule base_lm:
         log("base_lm", "{base}"),
     benchmark:
         bench("base_lm", "{base}")
+    # One core for Snakemake's scheduling; the pretraining pins its own intra-op threads
+    # (xfusion.pretrain_lm.PRETRAIN_THREADS = 1) whatever OMP_NUM_THREADS this sets, because the
+    # thread count changes the weights: raising this would only idle the extra cores.
+    threads: 1
     shell:
         "{params.py} -m xfusion.pretrain_lm --config {params.config} --run {params.run} --tokenizer {input.tokenizer} --corpus {params.corpus} --mmlu {params.mmlu} --out {params.out} > {log} 2>&1"
 
