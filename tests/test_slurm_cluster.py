@@ -7,8 +7,9 @@ sets XFUSION_SLURM_REQUIRED=1; `make test-slurm` does both). Without it the test
 why; with XFUSION_SLURM_REQUIRED=1 it fails instead. The profile is generated from
 workflow/profiles/slurm/config.yaml by tests/slurm/ci_profile.py (debug partition, no GPUs,
 small memory, squeue status); the recipe is test_pipeline_e2e's REDUCED one with Table 1 cut to
-two variants (single_tower trains the text weights, dual_tower keeps them frozen), so 23 SLURM
-jobs on 2 CPUs.
+two variants (single_tower trains the text weights, dual_tower keeps them frozen): some 25 SLURM
+jobs on 2 CPUs. Run it alone, or with `--basetemp`: another pytest session on the same machine
+prunes old /tmp/pytest-of-* directories, the DAG's work directory among them.
 
 Checked: table1.csv has its rows; the plugin submitted the train jobs with `--ntasks=2
 --cpus-per-task=1` (its `sbatch call:` debug line) and ran `srun --ntasks=2 …` inside them; each
@@ -129,7 +130,7 @@ def test_table1_through_slurm_has_its_rows(slurm_table1):
 def test_every_job_went_through_sbatch(slurm_table1):
     _, output = slurm_table1
     calls = [line for line in output.splitlines() if "sbatch call: " in line]
-    assert len(calls) >= 20, "23 jobs of the DAG (all but the local aggregate) run as SLURM jobs"
+    assert len(calls) >= 20, "every job of the DAG but the local aggregate runs as a SLURM job"
     assert all(" -p debug" in c or "-p 'debug'" in c for c in calls), calls[:3]
     assert not any("--gpus" in c or "--ntasks-per-gpu" in c for c in calls)
 
