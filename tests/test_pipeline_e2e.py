@@ -23,6 +23,7 @@ REDUCED = {
     "data.n_train": 240,
     "data.n_heldout": 48,
     "data.mmlu_test_per_subject": 8,
+    "data.n_corpus_descriptions": 200,
     "model.base_lm.pretrain_steps": 40,
     "model.base_lm.pretrain_batch_size": 8,
     "training.steps": 12,
@@ -36,6 +37,7 @@ REDUCED = {
     "evaluation.caption_max_tokens": 8,
     "evaluation.judge_steps": 20,
     "evaluation.probe_epochs": 2,
+    "evaluation.attr_steps": 20,
 }
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from xfusion.config import ConfigError
+from xfusion.config import ARCHITECTURES, ConfigError
 from xfusion.model.sequence import IGNORE, SpecialIds, build_batch
 from xfusion.model.xfusion import CheckpointError, XFusionModel
 
@@ -63,6 +63,21 @@ def test_prediction_must_be_known(tiny_config):
 
     with pytest.raises(ConfigError, match="model.prediction"):
         load_run(tiny_config({"model.prediction": "epsilon"}), "dual_tower")
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("task", ["t2i", "i2t"])
+def test_a_one_task_batch_gives_every_trainable_parameter_a_gradient(tiny_xfusion, mixed_samples,
+                                                                     architecture, task):
+    """ZeRO reduces gradient buckets of a fixed size on every rank: a rank whose micro-batch
+    holds one task only must still produce a gradient (zeros where unused) for every trainable
+    parameter, or 2-rank single_tower training aborts in gloo."""
+    model = tiny_xfusion(architecture)
+    batch = model.build_batch([s for s in mixed_samples(0) if s.task == task],
+                              torch.Generator().manual_seed(0))
+    model.compute_loss(batch).loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing[:5]
 
 
 def test_dm_loss_ignores_i2t_images_and_ar_loss_ignores_t2i_captions(tiny_xfusion, mixed_samples):

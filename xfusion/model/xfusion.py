@@ -183,6 +183,13 @@ class XFusionModel(nn.Module):
         """Text side of the output: the LLM's final norm + lm_head, (..., D) -> (..., V)."""
         return self.llm.lm_head(self.llm.model.norm(h))
 
+    def _unused_text_head(self, h: torch.Tensor) -> torch.Tensor:
+        """0 that still runs the text head: a micro-batch without I2T captions must give every
+        trainable parameter a gradient (zeros), or ZeRO ranks with different task mixes reduce
+        gradient buckets of different sizes (single_tower's lm_head and final norm; gloo aborts
+        with "Received data size doesn't match expected size")."""
+        return 0.0 * self.text_head(h[:1, :1]).float().sum()
+
     def text_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         """(B, L) -> (B, L, V) for text-only input (MMLU). It issues the same calls as
         LlamaForCausalLM.forward (the same mask from create_causal_mask, positions 0..L-1, the
@@ -234,7 +241,7 @@ class XFusionModel(nn.Module):
         # Autoregressive loss on I2T caption tokens (text positions only reach the LM head).
         has_target = batch.text_targets != IGNORE  # (B, L)
         ar = (F.cross_entropy(self.text_head(h[has_target]).float(), batch.text_targets[has_target])
-              if has_target.any() else zero)
+              if has_target.any() else self._unused_text_head(h))
         # Flow-matching loss on T2I images (dm_weight 0 for I2T).
         v = self.velocity(h[batch.image_mask].view(B, -1, h.shape[-1]),
                           tuple(batch.noisy_latents.shape[-2:]), batch.noisy_latents, batch.t)
