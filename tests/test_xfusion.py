@@ -53,7 +53,7 @@ def test_sample_prediction_turns_the_clean_image_into_the_exact_velocity(tiny_xf
     x_pred.image_io.decode = lambda hidden, height, width: x0  # a perfect x0 predictor
     v = x_pred.velocity(h, (4, 4), b.noisy_latents, b.t)
     assert torch.allclose(v, b.velocity_target, atol=1e-5)
-    v_pred = tiny_xfusion("dual_tower")
+    v_pred = tiny_xfusion("dual_tower", {"model.prediction": "velocity"})
     v_pred.image_io.decode = lambda hidden, height, width: x0
     assert torch.equal(v_pred.velocity(h, (4, 4), b.noisy_latents, b.t), x0)
 
