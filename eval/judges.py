@@ -1,5 +1,6 @@
 """Tiny-scale judges: a CLIP dual encoder and a BLIP-2 ITM model, trained offline on tiny-world
-image-caption pairs the X-Fusion model never trains on (the held-out split).
+image-caption pairs. The DAG fits them on the train split's pairs (as CLIP never saw COCO val)
+and measures them on the held-out pairs that the metrics then score.
 
 At paper scale the metrics load pretrained evaluators (Inception for FID, OpenAI CLIP, BLIP-2
 ITM). None can be had offline, and none knows the tiny world, so at tiny scale the pipeline
@@ -19,9 +20,10 @@ both scales: only the checkpoint path differs (`judge_clip` / `judge_itm` in the
   saved as a fast tokenizer with each processor, so `from_pretrained` + `AutoProcessor` load a
   judge exactly like a hub checkpoint.
 
-Which pairs train the judges: by default the held-out split minus a seeded fraction
-`evaluation.judge_val_fraction` kept to measure them (quality.json). With `--train-scenes` and
-`--train-captions` the judges train on those pairs instead and all held-out pairs measure them.
+Which pairs train the judges: with `--train-scenes` and `--train-captions` (what the DAG passes:
+the train split) the judges train on those pairs and all held-out pairs measure them
+(quality.json); without them, on the held-out split minus a seeded fraction
+`evaluation.judge_val_fraction` kept to measure them.
 
 References: Radford et al. 2021 (CLIP, contrastive loss); Li et al. 2023 (BLIP-2, ITM with hard
 negatives); transformers' `CLIPModel`, `Blip2ForImageTextRetrieval`.
