@@ -134,6 +134,14 @@ def test_cli_samples_images_and_captions_from_a_saved_model_dir(tmp_path):
     sample.main(["--model", str(tmp_path / "model"), "--mode", "t2i", "--prompts", str(captions),
                  "--out", str(tmp_path / "t2i"), "--device", "cpu"])
     assert sorted(p.name for p in (tmp_path / "t2i").iterdir()) == ["0.png", "1.png", "index.jsonl"]
+    # The grid a person looks at lies beside the samples (FID reads every PNG inside t2i/).
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "t2i_grid.png")
+    assert grid.size == (4 * 96, 96)  # two samples: one row of a 4-column grid
+    second = Image.open(tmp_path / "t2i" / "1.png").convert("RGB").resize((96, 96),
+                                                                            Image.NEAREST)
+    assert grid.crop((96, 0, 192, 96)).tobytes() == second.tobytes()
     save_latents(tmp_path / "lat.safetensors", torch.randn(3, 3, 4, 4), ["im0", "im1", "im2"], {})
     sample.main(["--model", str(tmp_path / "model"), "--mode", "i2t", "--latents",
                  str(tmp_path / "lat.safetensors"), "--captions", str(captions), "--out",

@@ -55,6 +55,29 @@ def test_run_is_listed_with_params_metrics_and_reopened_by_id(run_dir):
     assert client.list_artifacts(run_id)[0].path == "config.json"
 
 
+def test_sample_grid_of_a_step_is_an_artifact_of_its_run(run_dir, tmp_path):
+    from PIL import Image
+
+    from xfusion import sample
+
+    tracker = tracking.start_run(run_dir, load_run(CONFIG, "dual_tower"), "table1")
+    tracker.finish()
+    out = tmp_path / "samples" / "dual_tower" / "200" / "t2i"
+    out.mkdir(parents=True)
+    colours = [(220, 40, 40), (40, 80, 220), (40, 170, 60)]
+    for i, colour in enumerate(colours):
+        Image.new("RGB", (8, 8), colour).save(out / f"{i}.png")
+    entries = [{"file": f"{i}.png"} for i in range(3)]
+    sample.log_grid(out, run_dir / "steps" / "200", entries)
+    client = MlflowClient(tracking.tracking_uri(run_dir))
+    run_id = (run_dir / tracking.RUN_ID_FILE).read_text().strip()
+    assert [a.path for a in client.list_artifacts(run_id, "samples")] == [
+        "samples/step_200_t2i.png"]
+    logged = Image.open(client.download_artifacts(run_id, "samples/step_200_t2i.png", str(tmp_path)))
+    assert logged.convert("RGB").getpixel((96 + 48, 48)) == colours[1]  # second tile, centre
+    assert Image.open(out.with_name("t2i_grid.png")).size == (4 * 96, 96)
+
+
 def test_unwritable_store_warns_once_and_calls_become_noops(run_dir, tmp_path, monkeypatch):
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("")

@@ -30,10 +30,11 @@ from tqdm import tqdm
 
 from xfusion.config import EvaluationConfig, load_run
 from xfusion.data import save_png
-from xfusion.io import atomic_write_jsonl, read_jsonl
+from xfusion.io import atomic_path, atomic_write_jsonl, read_jsonl
 from xfusion.model.sequence import caption_tokens, prompt_tokens
 from xfusion.model.towers import KVCache
 from xfusion.model.xfusion import XFusionModel
+from xfusion.tracking import RUN_ID_FILE, log_image
 
 
 def latent_shape(model: XFusionModel) -> tuple[int, int, int]:
@@ -162,6 +163,31 @@ def save_pixels(pixels: torch.Tensor, path: Path) -> None:
     save_png(Image.fromarray(array), path)
 
 
+def sample_grid(paths: list[Path], columns: int = 4, cell: int = 96) -> Image.Image:
+    """The first `columns`² images side by side, each scaled to `cell` px (nearest: a tiny
+    sample stays pixel-exact), row-major in the given order: what a person looks at first."""
+    paths = paths[:columns * columns]
+    rows = -(-len(paths) // columns)
+    grid = Image.new("RGB", (columns * cell, rows * cell), (255, 255, 255))
+    for i, path in enumerate(paths):
+        with Image.open(path) as img:
+            tile = img.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST)
+        grid.paste(tile, ((i % columns) * cell, (i // columns) * cell))
+    return grid
+
+
+def log_grid(out_dir: Path, model_dir: Path, entries: list[dict]) -> None:
+    """`<out_dir>_grid.png` beside the samples (not inside: FID reads every PNG there) and the
+    same grid in the trained run's MLflow run as `samples/step_<STEP>_t2i.png`, when the model
+    dir is a step dir of a run (R/runs/RUN/steps/STEP)."""
+    grid = sample_grid([out_dir / e["file"] for e in entries])
+    with atomic_path(out_dir.with_name(out_dir.name + "_grid.png")) as tmp:
+        grid.save(tmp, format="PNG")
+    run_dir = model_dir.parent.parent
+    if model_dir.parent.name == "steps" and (run_dir / RUN_ID_FILE).is_file():
+        log_image(run_dir, grid, f"samples/step_{model_dir.name}_t2i.png")
+
+
 def encode_caption(model: XFusionModel, text: str) -> list[int]:
     """Caption ids as in training: no bos, at most `data.max_caption_tokens`."""
     ids = caption_tokens(model.tokenizer(text).input_ids, model.ids)
@@ -233,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.prompts is None:
             p.error("--mode t2i needs --prompts")
         sample_t2i(model, ev, args.prompts, args.out, model.cfg.seed)
+        log_grid(args.out, Path(args.model), read_jsonl(args.out / "index.jsonl"))
     else:
         if args.latents is None or args.captions is None:
             p.error("--mode i2t needs --latents and --captions")

@@ -182,6 +182,10 @@ class Tracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         self._call(lambda: self._client.log_text(self.run_id, text, artifact_file))
 
+    def log_image(self, image, artifact_file: str) -> None:
+        """A PIL image as an artifact of the run (a sample grid)."""
+        self._call(lambda: self._client.log_image(self.run_id, image, artifact_file))
+
     def finish(self, status: str = "FINISHED") -> None:
         self._call(lambda: self._client.set_terminated(self.run_id, status=status))
 
@@ -211,3 +215,13 @@ def log_metrics(run_dir: str | Path, metrics: Mapping[str, float], step: int | N
                       RuntimeWarning, stacklevel=2)
         return
     Tracker(run_dir, experiment="", run_name=run_dir.name).log_metrics(metrics, step or 0)
+
+
+def log_image(run_dir: str | Path, image, artifact_file: str) -> None:
+    """Log a PIL image into a trained run (the T2I sampler's grid of each evaluated step)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / RUN_ID_FILE).is_file():
+        warnings.warn(f"{run_dir / RUN_ID_FILE} missing: {artifact_file} not logged to MLflow",
+                      RuntimeWarning, stacklevel=2)
+        return
+    Tracker(run_dir, experiment="", run_name=run_dir.name).log_image(image, artifact_file)
