@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import random
 import time
@@ -39,7 +38,6 @@ from xfusion.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from xfusion.latents import load_latents
 from xfusion.model import XFusionModel
 from xfusion.model.base import load_base_llm, text_weight_hash
-from xfusion.model.flow import add_noise, velocity_target
 from xfusion.tracking import experiment_of, start_run
 
 LOG_FIELDS = ("step", "loss", "ar_loss", "dm_loss", "repa_loss", "lr", "grad_norm",
@@ -170,17 +168,6 @@ def trained_text_hash(llm: torch.nn.Module, base_hash: str, precision: str) -> s
     return text_weight_hash(copy.deepcopy(llm).to(torch.bfloat16))
 
 
-def micro_batch(model: XFusionModel, samples: list, noise: torch.Tensor):
-    """`model.build_batch(samples)` noised with the stream's per-sample `noise` (B, C, h, w)
-    instead of build_batch's own draw: a sample's noise then depends on its global index only,
-    whichever rank or micro-batch holds it."""
-    batch = model.build_batch(samples, torch.Generator())  # its noise is replaced below
-    x0 = torch.stack([s.latents for s in samples]).float().to(batch.t.device)
-    noise = noise.to(x0.device)
-    return dataclasses.replace(batch, noisy_latents=add_noise(x0, noise, batch.t),
-                               velocity_target=velocity_target(x0, noise))
-
-
 def train(args: argparse.Namespace) -> dict:
     # Setup: config, distributed, seeds, output dir.
     cfg = load_run(args.config, args.run)
@@ -246,7 +233,9 @@ def train(args: argparse.Namespace) -> dict:
         micro_losses = []
         for micro in range(stream.accumulation):
             samples, plan = stream.batch(step, micro)
-            batch = micro_batch(model, samples, stream.noise(step, micro))
+            # Per-sample noise from the stream: a sample's noise depends on its global index
+            # only, whichever rank or micro-batch holds it.
+            batch = model.build_batch(samples, noise=stream.noise(step, micro))
             losses = model.compute_loss(batch)
             if not torch.isfinite(losses.loss):
                 tracker.finish("FAILED")

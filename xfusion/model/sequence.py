@@ -80,8 +80,10 @@ def prompt_tokens(task: str, caption: list[int], ids: SpecialIds, drop_caption: 
 
 
 def build_batch(samples: list[Sample], ids: SpecialIds, patch_size: int,
-                generator: torch.Generator | None = None) -> MultimodalBatch:
-    """Lay out, right-pad and noise a list of samples (noise drawn from `generator`)."""
+                generator: torch.Generator | None = None,
+                noise: torch.Tensor | None = None) -> MultimodalBatch:
+    """Lay out, right-pad and noise a list of samples: with `noise` (B, C, h, w) when given (the
+    training stream's per-sample draws), else drawn from `generator`."""
     if not samples:
         raise ValueError("build_batch: no samples")
     C, h, w = samples[0].latents.shape
@@ -107,7 +109,7 @@ def build_batch(samples: list[Sample], ids: SpecialIds, patch_size: int,
         eoi = start + P  # the [EOI] position predicts the first caption token
         text_targets[b, eoi:eoi + n] = input_ids[b, eoi + 1:eoi + 1 + n]
     x0 = torch.stack([s.latents for s in samples]).float()
-    noise = torch.randn(x0.shape, generator=generator)
+    noise = torch.randn(x0.shape, generator=generator) if noise is None else noise.float()
     t = torch.tensor([s.t for s in samples], dtype=torch.float32)
     feats = [s.target_feats for s in samples]
     if any(f is None for f in feats) and not all(f is None for f in feats):

@@ -106,8 +106,10 @@ class XFusionModel(nn.Module):
             groups.append({"name": "text", "params": text, "lr": lr * ratio})
         return groups
 
-    def build_batch(self, samples: list[Sample], generator: torch.Generator | None = None):
-        return build_batch(samples, self.ids, self.cfg.model.patch_size, generator).to(self.device)
+    def build_batch(self, samples: list[Sample], generator: torch.Generator | None = None,
+                    noise: torch.Tensor | None = None):
+        return build_batch(samples, self.ids, self.cfg.model.patch_size, generator,
+                           noise).to(self.device)
 
     @property
     def device(self) -> torch.device:
