@@ -47,7 +47,7 @@ CASES = {
     "t2i_ratio_above_one": (_set({"training.t2i_ratio": 1.4}), "training.t2i_ratio"),
     "negative_steps": (_set({"training.steps": -5}), "training.steps"),
     "missing_results_dir": (_drop("results_dir"), "results_dir"),
-    "eval_step_beyond_steps": (_set({"training.eval_steps": [200, 800]}), "training.eval_steps"),
+    "eval_step_beyond_steps": (_set({"training.eval_steps": [200, 99999]}), "training.eval_steps"),
     "unknown_key": (_set({"training.learning_rate": 0.1}), "training.learning_rate"),
     "wrong_type": (_set({"training.steps": "many"}), "training.steps"),
     "image_size_not_divisible": (_set({"data.image_size": 30}), "data.image_size"),

@@ -13,7 +13,7 @@ from xfusion.io import read_jsonl
 SMALL = {"data.n_train": 12, "data.n_heldout": 4, "data.n_corpus_facts": 300,
          "data.n_corpus_descriptions": 50}
 # A scene description starts with one of the captioner's openings (up to its first placeholder).
-DESCRIPTION_STARTS = tuple(o.split("{")[0] for o in OPENINGS)
+RECORD = re.compile(r"^Objects: (.+?)\. (.+)$")  # a description line: record, then caption
 STOP = {"what", "is", "the", "of", "a", "an", "how", "many", "does", "have", "which", "do", "you",
         "get", "by", "colour", "these", "shape", "has", "and", "country"}
 
@@ -45,7 +45,7 @@ def split_corpus(text: str) -> tuple[list[str], list[tuple[str, tuple[str, ...],
             i += 6
             continue
         if (line and not line.startswith("The following are multiple choice questions")
-                and not line.startswith(DESCRIPTION_STARTS)):
+                and not RECORD.match(line)):
             facts.append(line)
         i += 1
     return facts, items
@@ -112,15 +112,33 @@ def test_corpus_has_configured_fact_lines_and_harness_format_practice(tiny_confi
 def test_corpus_describes_scenes_in_the_captions_language(tiny_config, tmp_path):
     out, cfg = make_world(tiny_config, tmp_path, "w")
     lines = (out / "corpus.txt").read_text().split("\n")
-    descriptions = [line for line in lines if line.startswith(DESCRIPTION_STARTS)]
-    assert len(descriptions) == cfg.data.n_corpus_descriptions
+    described = [m for m in map(RECORD.match, lines) if m]
+    assert len(described) == cfg.data.n_corpus_descriptions
+    descriptions = [m.group(2) for m in described]
+    assert all(d.startswith(tuple(o.split("{")[0] for o in OPENINGS)) for d in descriptions)
     captions = {row["caption"] for row in read_jsonl(out / "train" / "scenes.jsonl")
                 if "caption" in row}
     # Scenes of their own: the descriptions teach the phrasing, not the training pairs.
     assert not captions & set(descriptions)
     words = set(" ".join(descriptions).replace(".", " ").replace(",", " ").split())
-    assert {"large", "small", "left", "right", "above", "background"} <= words
+    assert {"large", "left", "right", "background"} <= words
     assert set(COLOURS) <= words
+
+
+def test_each_description_follows_the_record_of_its_own_scene(tiny_config, tmp_path):
+    """The record before a description names exactly the objects the description names, so the
+    tiny LLM learns to describe what its context shows (the habit a frozen tower relies on)."""
+    out, _ = make_world(tiny_config, tmp_path, "w")
+    for line in (out / "corpus.txt").read_text().split("\n"):
+        m = RECORD.match(line)
+        if not m:
+            continue
+        for obj in m.group(1).split("; "):
+            size, colour, shape, position = obj.split()
+            assert colour in COLOURS
+            assert f"{colour} {shape}" in m.group(2) or f"{colour} {shape}" in m.group(2).replace(
+                f"{shape}, {size} in size", shape), line
+            assert f"{position}" in m.group(2) and size in m.group(2), line
 
 
 def test_mmlu_csv_layout_balanced_answers_and_gold_fact_in_corpus(tiny_config, tmp_path):

@@ -135,8 +135,9 @@ class DataConfig:
     n_heldout: int = 256
     max_shapes: int = 3
     n_corpus_facts: int = 4000
-    # Scene descriptions (captions of random scenes, no image) in the corpus: the tiny LLM's
-    # "English". A frozen text tower can only write captions in a language it already knows.
+    # Scene descriptions (a random scene's record, then its caption; no image) in the corpus:
+    # the tiny LLM's "English", and the habit of describing what its context shows. A frozen
+    # text tower can only write captions in a language it knows, about a context it reads.
     n_corpus_descriptions: int = 0
     mmlu_subjects: tuple[str, ...] = ("geography", "colours", "shapes", "arithmetic")
     mmlu_dev_per_subject: int = 5
