@@ -26,11 +26,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-## Tiny scale end to end on this CPU: every table (results/*.csv) and figure (results/figures/).
+## Tiny scale end to end on this CPU: every table (results/tiny/tables/, copied to results/*.csv)
+## and figure (results/tiny/figures/).
 demo: setup
 	time $(VENV)/bin/snakemake --profile local --cores $(CORES) all
-	@echo "Tables:  $$(ls results/*.csv | tr '\n' ' ')"
-	@echo "Figures: results/figures/   MLflow: make mlflow-ui   Report: make report"
+	@echo "Tables:  $$(ls results/tiny/tables/*.csv | tr '\n' ' ')"
+	@echo "         (each also results/<experiment>.csv)"
+	@echo "Figures: $$(ls results/tiny/figures/*.png | tr '\n' ' ')"
+	@echo "MLflow: make mlflow-ui   Report: make report"
 
 ## The test suite (what CI runs).
 test: setup
@@ -76,4 +79,4 @@ lavis-env:
 	.envs/lavis/bin/python -m pip install --quiet torch==2.14.1 salesforce-lavis==1.0.2 "numpy<2" "pandas<2.3"
 
 clean:
-	rm -rf results/tiny results/*.csv results/figures results/report.html .snakemake
+	rm -rf results/tiny results/*.csv results/report.html .snakemake

@@ -1,6 +1,9 @@
 # X-Fusion ablations as one DAG: data -> base LLM -> train -> sample -> eval -> tables -> figures.
 #   snakemake --cores 2 results/table1.csv            tiny scale (config/tiny.yaml), laptop CPU
 #   snakemake --profile slurm results/table1.csv      paper scale (config/paper.yaml), SLURM GPUs
+# Tables and figures are per scale, under the config's results_dir R: R/tables/<experiment>.csv,
+# R/figures/<experiment>.{png,pdf}; results/<experiment>.csv is a copy of the table of the scale
+# run (rule publish), remade when another scale runs (workflow/rules/common.smk, docstring).
 # Paths and command lines: docs/INTERFACES.md. Rules: workflow/rules/<stage>.smk.
 
 # A --configfile on the command line (or in a profile) replaces the default instead of being
@@ -26,6 +29,7 @@ report: "workflow/report/workflow.rst"
 localrules:
     all,
     aggregate,
+    publish,
     plot,
 
 

@@ -1,61 +1,55 @@
 """Collect an experiment's metric JSONs into one CSV, ours beside the published numbers.
 
     python -m eval.aggregate --config C --experiment table1 --reference reference/paper_results.yaml \
-        --metrics R/metrics/RUN/STEP/{fid,clip,itm,mmlu}.json … [--base NAME=R/metrics/base/NAME/mmlu.json …] \
+        --metrics R/metrics/RUN/STEP/{mmlu,fid,clip,blip}.json … [--base NAME=R/metrics/base/NAME/mmlu.json …] \
         [--train-logs RUN=R/runs/RUN/train_log.jsonl …] [--caption-metrics R/metrics/caption_metrics.json] \
-        --out results/table1.csv
+        --out R/tables/table1.csv
 
-Metric files follow docs/INTERFACES.md (`{"metric", "value", "run", "step", "n", "details"}`),
-named `R/metrics/RUN/STEP/<kind>.json`; the file name gives the kind (`itm` is the paper's BLIP
-column) and the path gives run and step where the JSON leaves them null. MMLU and probe accuracies
-are fractions and are reported as percentages, like the paper; CLIP and BLIP (ITM) scores are
-already x100. The tiny world's ground-truth metrics `t2i_attr_acc` and `i2t_attr_recall`
-(percentages too) get columns beside them where their files are given (no paper_* column). Tables: table1, tableA, lr_ratio (one row per variant). Figures: one row per
-(run, step) with the run's varied settings (figure5/6/8/B), per (run, mode, layer) for figureD,
-per (caption, metric) for figureE. The figure code (eval.plots) reads these CSVs only.
+What an experiment measures and which columns it gets is declared in config (`experiments:`,
+xfusion.config.Experiment); this module keeps one builder per `measure`:
+- table: a row per run (and per base LLM with `base`): its settings, its metrics at the last
+  measured step, `<metric>_change` against its base LLM, and the paper's numbers, as paper_*
+  columns (the paper's row of the run's name, else of its architecture) or as rows above ours;
+- curves: a row per (run, step): metrics, settings, T2I/I2T tokens seen (`tokens_seen`);
+- probe: a row per (run, step, mode, layer): the linear probe's top-1 (%) in column `probe`;
+- captions: a row per (caption, metric) of Supp. Fig. E, ours beside the paper's.
+Metric files follow docs/INTERFACES.md (`{"metric", "value", "run", "step", "n", "details"}`) at
+`R/metrics/RUN/STEP/<metric>.json`, the metric one name of xfusion.config.METRICS in both the
+file name and the JSON; the path gives run and step where the JSON leaves them null. Percentages
+(MMLU, probe, the attribute metrics) are fractions in the JSON; CLIP and BLIP are already x100.
+The figure code (eval.plots) reads these CSVs only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from functools import reduce
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 
-from xfusion.config import ARCHITECTURES, experiments_from_dict, load_yaml, resolve_run
+from xfusion.config import ARCHITECTURES, METRICS, get_experiment, load_yaml, resolve_run
 from xfusion.io import atomic_path, read_jsonl
-
-# Ground-truth attribute metrics of the tiny world (eval.geneval, eval.caption_attributes): one
-# name for file, JSON, column and plot. The paper has no such numbers, and scales without scene
-# records have no such files: their columns appear only where some file was given.
-ATTRIBUTE_METRICS = ["t2i_attr_acc", "i2t_attr_recall"]
-COLUMN = {"fid": "fid", "clip": "clip", "itm": "blip", "mmlu": "mmlu", "probe": "probe",
-          **{m: m for m in ATTRIBUTE_METRICS}}
-PERCENT = {"mmlu", "probe", *ATTRIBUTE_METRICS}  # fractions in the JSON, percentages in tables
-TABLE_METRICS = ["mmlu", "fid", "clip", "blip"]
-CURVE_METRICS = ["fid", "clip", "blip"]
 
 
 def read_metrics(paths: Sequence[str | Path]) -> pd.DataFrame:
-    """One row per metric file: run, step, column (fid/clip/blip/mmlu/probe), value, details."""
+    """One row per metric file: run, step, metric (a METRICS name), value, details."""
     rows = []
     for path in map(Path, paths):
         record = json.loads(path.read_text())
-        kind = path.stem
-        if kind not in COLUMN:
-            raise SystemExit(f"{path}: unknown metric file name (expected one of {', '.join(COLUMN)})")
-        value = float(record["value"]) * (100.0 if kind in PERCENT else 1.0)
+        name = path.stem
+        if name not in METRICS:
+            raise SystemExit(f"{path}: unknown metric file name (expected one of {', '.join(METRICS)})")
+        if record.get("metric") != name:
+            raise SystemExit(f"{path}: its JSON says metric {record.get('metric')!r}; a metric has "
+                             f"one name (xfusion.config.METRICS) in its file and its JSON")
+        value = float(record["value"]) * (100.0 if METRICS[name].percent else 1.0)
         rows.append({"run": record.get("run") or path.parent.parent.name,
                      "step": int(record["step"] if record.get("step") is not None else path.parent.name),
-                     "column": COLUMN[kind], "value": value, "details": record.get("details") or {}})
-    return pd.DataFrame(rows, columns=["run", "step", "column", "value", "details"])
-
-
-def measured(metrics: pd.DataFrame, columns: Sequence[str]) -> list[str]:
-    """The columns among `columns` that some metric file reports."""
-    return [c for c in columns if (metrics.column == c).any()]
+                     "metric": name, "value": value, "details": record.get("details") or {}})
+    return pd.DataFrame(rows, columns=["run", "step", "metric", "value", "details"])
 
 
 def final_values(metrics: pd.DataFrame, run: str) -> dict[str, float]:
@@ -64,7 +58,7 @@ def final_values(metrics: pd.DataFrame, run: str) -> dict[str, float]:
     if mine.empty:
         return {}
     last = mine[mine.step == mine.step.max()]
-    return dict(zip(last.column, last.value))
+    return dict(zip(last.metric, last.value))
 
 
 def read_base(pairs: Sequence[str]) -> dict[str, float]:
@@ -86,84 +80,73 @@ def tokens_seen(pairs: Sequence[str]) -> pd.DataFrame:
 
 
 class Context:
-    """What every builder needs: the experiment's runs (resolved), metrics and reference."""
+    """What every builder needs: the experiment, its runs (resolved), metrics and reference."""
 
     def __init__(self, raw: Mapping[str, Any], experiment: str, reference: Mapping[str, Any],
                  metrics: pd.DataFrame, base: dict[str, float], logs: pd.DataFrame,
                  caption_metrics: list[dict]):
-        exps = experiments_from_dict(raw)
-        if experiment not in exps:
-            raise SystemExit(f"experiment {experiment!r} not in config.experiments "
-                             f"(known: {', '.join(exps)})")
-        self.experiment = exps[experiment]
+        self.experiment = get_experiment(raw, experiment)
         self.runs = {name: resolve_run(raw, name) for name in self.experiment.runs}
+        strangers = sorted(set(metrics.run) - set(self.runs))
+        if strangers:
+            raise SystemExit(f"metric files of {', '.join(strangers)}: not runs of "
+                             f"config.experiments.{experiment}")
         self.paper = reference.get("xfusion", {})
         self.metrics, self.base, self.logs = metrics, base, logs
         self.caption_metrics = caption_metrics
 
-    def base_rows(self) -> list[dict]:
-        return [{"variant": name, "mmlu": value} for name, value in self.base.items()]
+    def settings(self, run: str) -> dict[str, Any]:
+        """The run's values of the experiment's `settings` (column -> dotted config key)."""
+        values = self.runs[run].to_dict()
+        return {column: reduce(lambda node, key: node[key], dotted.split("."), values)
+                for column, dotted in self.experiment.settings.items()}
+
+    def paper_rows(self) -> dict[str, dict[str, Any]]:
+        """The published rows of the experiment's reference table, in our column names."""
+        ref = self.experiment.paper
+        if ref is None:
+            return {}
+        if ref.table not in self.paper:
+            raise SystemExit(f"config.experiments.{self.experiment.name}.paper.table = "
+                             f"{ref.table!r}: not a table of the reference's `xfusion` section")
+        return {name: {ref.names.get(k, k): v for k, v in values.items()}
+                for name, values in self.paper[ref.table].get("rows", {}).items()}
 
 
-def paper_row(rows: Mapping[str, Any], run_name: str, architecture: str) -> dict:
-    return rows.get(run_name) or rows.get(architecture) or {}
-
-
-def table1(ctx: Context) -> pd.DataFrame:
-    """Base LLM row + one row per variant; paper_* from X-Fusion Table 1."""
-    ref = ctx.paper.get("table1", {}).get("rows", {})
-    llm_rows = [v for k, v in ref.items() if k not in ARCHITECTURES]  # the base LLM's row
-    ours_only = measured(ctx.metrics, ATTRIBUTE_METRICS)
-    rows = []
-    for row in ctx.base_rows():
-        rows.append({**row, **{f"paper_{m}": (llm_rows[0] if llm_rows else {}).get(m)
-                               for m in TABLE_METRICS}})
+def table(ctx: Context) -> pd.DataFrame:
+    """Published rows (layout: rows), base LLM rows (`base`), then one row per run."""
+    e = ctx.experiment
+    paper = ctx.paper_rows()
+    as_rows = e.paper is not None and e.paper.layout == "rows"
+    beside = [] if as_rows else [m for m in e.metrics if any(m in r for r in paper.values())]
+    llm = next((v for k, v in paper.items() if k not in ARCHITECTURES), {})  # the base LLM's row
+    rows = [{"variant": name, "source": "paper", **values} for name, values in paper.items()
+            if as_rows]
+    if e.base:
+        rows += [{"variant": name, "source": "ours", "mmlu": value,
+                  **{f"paper_{m}": llm.get(m) for m in beside}} for name, value in ctx.base.items()]
     for name, run in ctx.runs.items():
         ours = final_values(ctx.metrics, name)
-        paper = paper_row(ref, name, run.model.architecture)
-        rows.append({"variant": name, **{m: ours.get(m) for m in TABLE_METRICS + ours_only},
-                     **{f"paper_{m}": paper.get(m) for m in TABLE_METRICS}})
-    columns = ["variant", *TABLE_METRICS, *ours_only, *(f"paper_{m}" for m in TABLE_METRICS)]
+        published = paper.get(name) or paper.get(run.model.architecture) or {}
+        base = ctx.base.get(run.model.base_lm.name)
+        rows.append({"variant": name, "source": "ours", **ctx.settings(name),
+                     **{m: ours.get(m) for m in e.metrics},
+                     **{f"{m}_change": None if ours.get(m) is None or base is None
+                        else ours[m] - base for m in e.changes},
+                     **{f"paper_{m}": published.get(m) for m in beside}})
+    columns = ["variant", *(["source"] if as_rows else []), *e.settings, *e.metrics,
+               *(f"{m}_change" for m in e.changes), *(f"paper_{m}" for m in beside)]
     return pd.DataFrame(rows, columns=columns)
 
 
-def table_a(ctx: Context) -> pd.DataFrame:
-    """Published systems of Supp. Table A, then our final model(s)."""
-    rows = [{"system": name, "source": "paper", **values}
-            for name, values in ctx.paper.get("tableA", {}).get("rows", {}).items()]
-    for name, run in ctx.runs.items():
-        ours = final_values(ctx.metrics, name)
-        rows.append({"system": f"ours: {name}", "source": "ours",
-                     "base_llm": run.model.base_lm.name, "mmlu": ours.get("mmlu"),
-                     "coco_blip": ours.get("blip"), "coco_fid": ours.get("fid")})
-    return pd.DataFrame(rows, columns=["system", "source", "base_llm", "mmlu", "coco_blip",
-                                       "coco_fid"])
-
-
-def lr_ratio(ctx: Context) -> pd.DataFrame:
-    """Single tower with text/image lr ratio 0, 0.1, 1; MMLU change against the base LLM."""
-    rows = ctx.base_rows()
-    metrics = TABLE_METRICS + measured(ctx.metrics, ATTRIBUTE_METRICS)
-    for name, run in ctx.runs.items():
-        ours = final_values(ctx.metrics, name)
-        base = ctx.base.get(run.model.base_lm.name)
-        mmlu = ours.get("mmlu")
-        rows.append({"variant": name, "lr_text_ratio": run.training.lr_text_ratio,
-                     **{m: ours.get(m) for m in metrics},
-                     "mmlu_change": None if mmlu is None or base is None else mmlu - base})
-    return pd.DataFrame(rows, columns=["variant", "lr_text_ratio", *metrics, "mmlu_change"])
-
-
 def curves(ctx: Context) -> pd.DataFrame:
-    """One row per (run, step): metrics, the run's varied settings, tokens seen per task."""
-    metrics = CURVE_METRICS + measured(ctx.metrics, ATTRIBUTE_METRICS)
-    m = ctx.metrics[ctx.metrics.column.isin(metrics)]
-    wide = m.pivot_table(index=["run", "step"], columns="column", values="value").reset_index()
-    wide = wide.reindex(columns=["run", "step", *metrics])
-    settings = pd.DataFrame([{
-        "run": name, "architecture": r.model.architecture, "base_lm": r.model.base_lm.name,
-        "repa": r.model.repa.enabled, "t2i_ratio": r.training.t2i_ratio,
-        "i2t_noise_max": r.training.i2t_noise_max} for name, r in ctx.runs.items()])
+    """One row per (run, step): metrics, the run's settings, tokens seen per task."""
+    e = ctx.experiment
+    m = ctx.metrics[ctx.metrics.metric.isin(e.metrics)]
+    wide = m.pivot_table(index=["run", "step"], columns="metric", values="value").reset_index()
+    wide = wide.reindex(columns=["run", "step", *e.metrics])
+    settings = pd.DataFrame([{"run": name, **ctx.settings(name)} for name in ctx.runs],
+                            columns=["run", *e.settings])
     out = wide.merge(settings, on="run", how="left")
     if not ctx.logs.empty:
         out = pd.merge_asof(out.sort_values("step"), ctx.logs.sort_values("step"), on="step",
@@ -172,16 +155,16 @@ def curves(ctx: Context) -> pd.DataFrame:
     return out.sort_values(["run", "step"], key=lambda c: c.map(order) if c.name == "run" else c)
 
 
-def figure_d(ctx: Context) -> pd.DataFrame:
-    """Probe accuracy (%) per (run, mode, layer); the run's I2T noise limit says clean/noisy."""
+def probe(ctx: Context) -> pd.DataFrame:
+    """Probe top-1 (%) per (run, step, mode, layer), beside the run's settings."""
     rows = []
-    for rec in ctx.metrics[ctx.metrics.column == "probe"].itertuples():
-        noise = ctx.runs[rec.run].training.i2t_noise_max if rec.run in ctx.runs else None
+    for rec in ctx.metrics[ctx.metrics.metric == "probe"].itertuples():
         for mode, layers in rec.details.get("per_layer", {}).items():
-            for layer, acc in layers.items():
-                rows.append({"run": rec.run, "step": rec.step, "i2t_noise_max": noise,
-                             "mode": mode, "layer": int(layer), "accuracy": 100.0 * float(acc)})
-    return pd.DataFrame(rows, columns=["run", "step", "i2t_noise_max", "mode", "layer", "accuracy"])
+            for layer, acc in layers.items():  # fractions, like the metric's value
+                rows.append({"run": rec.run, "step": rec.step, **ctx.settings(rec.run),
+                             "mode": mode, "layer": int(layer), "probe": 100.0 * float(acc)})
+    return pd.DataFrame(rows, columns=["run", "step", *ctx.experiment.settings, "mode", "layer",
+                                       "probe"])
 
 
 def caption_scores(record: Mapping[str, Any]) -> dict[str, dict[str, float]]:
@@ -196,9 +179,9 @@ def caption_scores(record: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     return {k: v for k, v in details.items() if isinstance(v, Mapping)}
 
 
-def figure_e(ctx: Context) -> pd.DataFrame:
-    """Caption metrics of a long vs a short caption: ours beside Supp. Fig. E."""
-    paper = ctx.paper.get("figureE", {}).get("rows", {})
+def captions(ctx: Context) -> pd.DataFrame:
+    """Caption metrics of a long vs a short caption: ours beside the paper's (Supp. Fig. E)."""
+    paper = ctx.paper_rows()
     ours: dict[str, dict[str, float]] = {}
     for record in ctx.caption_metrics:
         ours.update(caption_scores(record))
@@ -212,12 +195,10 @@ def figure_e(ctx: Context) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["caption", "metric", "ours", "paper"])
 
 
+# One builder per measure (xfusion.config.MEASURES).
 BUILDERS: dict[str, Callable[[Context], pd.DataFrame]] = {
-    "table1": table1, "tableA": table_a, "lr_ratio": lr_ratio, "figure5": curves,
-    "figure6": curves, "figure8": curves, "figureB": curves, "figureD": figure_d,
-    "figureE": figure_e,
+    "table": table, "curves": curves, "probe": probe, "captions": captions,
 }
-BY_KIND = {"table": table1, "figure": curves}
 
 
 def aggregate(raw: Mapping[str, Any], experiment: str, reference: Mapping[str, Any],
@@ -225,8 +206,7 @@ def aggregate(raw: Mapping[str, Any], experiment: str, reference: Mapping[str, A
               train_logs: Sequence[str] = (), caption_metrics: Sequence[str] = ()) -> pd.DataFrame:
     ctx = Context(raw, experiment, reference, read_metrics(metrics), read_base(base),
                   tokens_seen(train_logs), [json.loads(Path(p).read_text()) for p in caption_metrics])
-    build = BUILDERS.get(experiment, BY_KIND[ctx.experiment.kind])
-    return build(ctx).reset_index(drop=True)
+    return BUILDERS[ctx.experiment.measure](ctx).reset_index(drop=True)
 
 
 def write_csv(frame: pd.DataFrame, out: str | Path) -> None:
@@ -239,11 +219,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--config", required=True, help="config/<scale>.yaml (its experiments)")
     p.add_argument("--experiment", required=True, help="a key of config.experiments")
     p.add_argument("--reference", required=True, help="reference/paper_results.yaml")
-    p.add_argument("--metrics", nargs="*", default=[], help="R/metrics/RUN/STEP/<kind>.json")
+    p.add_argument("--metrics", nargs="*", default=[], help="R/metrics/RUN/STEP/<metric>.json")
     p.add_argument("--base", nargs="*", default=[], help="NAME=R/metrics/base/NAME/mmlu.json")
     p.add_argument("--train-logs", nargs="*", default=[], help="RUN=R/runs/RUN/train_log.jsonl")
     p.add_argument("--caption-metrics", nargs="*", default=[], help="R/metrics/caption_metrics.json")
-    p.add_argument("--out", required=True, help="results/<experiment>.csv")
+    p.add_argument("--out", required=True, help="R/tables/<experiment>.csv")
     args = p.parse_args(argv)
     frame = aggregate(load_yaml(args.config), args.experiment, load_yaml(args.reference),
                       args.metrics, args.base, args.train_logs, args.caption_metrics)

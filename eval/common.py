@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from xfusion.config import RunConfig, load_run
+from xfusion.config import METRICS, RunConfig, load_run
 from xfusion.data import resolve_image
 from xfusion.io import atomic_write_json, read_jsonl
 from xfusion.tracking import log_metrics
@@ -46,7 +46,10 @@ def write_metric(out: str | Path, metric: str, value: float, *, run: str | None,
                  step: int | None, n: int, details: dict[str, Any] | None = None) -> dict:
     """Write the metric JSON of docs/INTERFACES.md atomically and return it; a metric of a
     trained run's step is also logged to that run in MLflow, at that step, so the dashboard
-    draws the paper's curves."""
+    draws the paper's curves. Its name there is the one of xfusion.config.METRICS."""
+    if run is not None and step is not None and metric not in METRICS:
+        raise ValueError(f"metric {metric!r} of run {run} step {step}: not a name of "
+                         f"xfusion.config.METRICS ({', '.join(METRICS)})")
     record = {"metric": metric, "value": float(value), "run": run, "step": step, "n": int(n),
               "details": details or {}}
     atomic_write_json(out, record)

@@ -17,7 +17,10 @@ Backends (`evaluation.itm_backend`):
   `--lavis-python` or $XFUSION_LAVIS_PYTHON (default .envs/lavis/bin/python).
 
     python -m eval.itm --config C --captions R/samples/RUN/STEP/i2t.jsonl [--judges R/judges] \
-        --run RUN --step STEP --out R/metrics/RUN/STEP/itm.json
+        --run RUN --step STEP --out R/metrics/RUN/STEP/blip.json
+
+The metric is `blip` (the paper's column; xfusion.config.METRICS), in the file name, the JSON,
+the tables and MLflow; `itm` names the evaluator (this module, its rule, `evaluation.itm_*`).
 """
 
 from __future__ import annotations
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         probs = itm_match_probs(model, processor, load_images(paths), captions, args.batch_size)
         model_name = e.itm_model
     scores = 100.0 * probs
-    return write_metric(args.out, "blip_itm", scores.mean().item(), run=args.run, step=args.step,
+    return write_metric(args.out, "blip", scores.mean().item(), run=args.run, step=args.step,
                         n=len(scores), details={"backend": e.itm_backend, "model": model_name,
                                                 "std": scores.std().item() if len(scores) > 1
                                                 else 0.0})

@@ -1,19 +1,24 @@
 """Draw an experiment's figure from its CSV (written by eval.aggregate), PNG and PDF.
 
-    python -m eval.plots --config C --experiment figure5 --table results/figure5.csv \
-        --reference reference/paper_results.yaml --out results/figures/figure5.png results/figures/figure5.pdf
+    python -m eval.plots --config C --experiment figure5 --table R/tables/figure5.csv \
+        --reference reference/paper_results.yaml --out R/figures/figure5.png R/figures/figure5.pdf
 
-Each figure follows the paper's layout where it has one: Fig. 5 puts FID/CLIP against T2I tokens
-seen and BLIP against I2T tokens seen; Fig. 6 and 8 put the metrics over training steps;
-Supp. Fig. B has one column per model size with alignment on/off; Supp. Fig. D the probe accuracy
-per layer in understanding and generation modes; Supp. Fig. E the caption metrics of a long and a
-short caption, the paper's numbers beside ours. The paper's finding for the figure is its
-subtitle (reference `xfusion.findings`), so a reader compares the trend at a glance.
+One figure per `measure` of the experiment (xfusion.config.Experiment), laid out by its `plot`
+entry in config:
+- curves: a panel per metric over training steps, or over tokens seen (`plot.x`: Fig. 5 puts
+  FID/CLIP against T2I tokens seen and BLIP against I2T tokens seen); with `plot.facet`, a column
+  of panels per value of that setting (Supp. Fig. B: one per model size), metrics down the rows;
+- probe: the probe's top-1 per layer, a panel per mode (Supp. Fig. D);
+- captions: bars of the caption metrics, ours beside the paper's (Supp. Fig. E).
+A line per run, labelled by `plot.legend`, a format of the run's settings. The paper's finding
+for the figure is its subtitle (reference `xfusion.findings`), so a reader compares the trend at a
+glance.
 """
 
 from __future__ import annotations
 
 import argparse
+import string
 import textwrap
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -25,16 +30,27 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import EngFormatter, MaxNLocator  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from eval.aggregate import ATTRIBUTE_METRICS  # noqa: E402
-from xfusion.config import experiments_from_dict, load_yaml  # noqa: E402
+from xfusion.config import METRICS, Experiment, get_experiment, load_yaml  # noqa: E402
 from xfusion.io import atomic_path  # noqa: E402
 
-LABELS = {"fid": "FID (lower is better)", "clip": "CLIP score", "blip": "BLIP (ITM) score",
-          "accuracy": "probe top-1 (%)", "step": "training step",
-          "t2i_tokens_seen": "T2I tokens seen", "i2t_tokens_seen": "I2T tokens seen",
-          "t2i_attr_acc": "T2I attribute accuracy (%)",
-          "i2t_attr_recall": "I2T attribute recall (%)"}
-METRICS = ("fid", "clip", "blip")  # one panel each; ATTRIBUTE_METRICS too where the CSV has them
+LABELS = {**{name: m.label for name, m in METRICS.items()}, "step": "training step",
+          "layer": "layer", "t2i_tokens_seen": "T2I tokens seen",
+          "i2t_tokens_seen": "I2T tokens seen"}
+
+
+class Legend(string.Formatter):
+    """str.format with one addition for flags: `{repa:on/off}` gives "on" or "off"."""
+
+    def format_field(self, value: Any, spec: str) -> str:
+        if "/" in spec:
+            yes, no = spec.split("/", 1)
+            return yes if bool(value) else no
+        return super().format_field(value, spec)
+
+
+def legend_label(fmt: str) -> Callable[[pd.DataFrame], str]:
+    """Legend label of a run's rows: `fmt` filled with the columns of its first row."""
+    return lambda part: Legend().format(fmt, **part.iloc[0].to_dict())
 
 
 def x_axis(frame: pd.DataFrame, preferred: str) -> str:
@@ -42,8 +58,8 @@ def x_axis(frame: pd.DataFrame, preferred: str) -> str:
     return preferred if preferred in frame and frame[preferred].notna().any() else "step"
 
 
-def draw_lines(ax, frame: pd.DataFrame, x: str, y: str, group: str,
-               label: Callable[[pd.DataFrame], str]) -> None:
+def draw_lines(ax, frame: pd.DataFrame, x: str, y: str, label: Callable[[pd.DataFrame], str],
+               group: str = "run") -> None:
     for _, part in frame.groupby(group, sort=False):
         part = part.dropna(subset=[x, y]).sort_values(x)
         if not part.empty:
@@ -57,69 +73,39 @@ def draw_lines(ax, frame: pd.DataFrame, x: str, y: str, group: str,
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))
 
 
-def run_label(key: str | None = None, fmt: str = "{}") -> Callable[[pd.DataFrame], str]:
-    """Legend label: the run name, or a setting of the run formatted with `fmt`."""
-    return lambda part: fmt.format(part[key].iloc[0]) if key else str(part["run"].iloc[0])
-
-
-def metric_row(frame: pd.DataFrame, x_for: Mapping[str, str], label) -> plt.Figure:
-    metrics = [*METRICS, *(m for m in ATTRIBUTE_METRICS if m in frame and frame[m].notna().any())]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        draw_lines(ax, frame, x_axis(frame, x_for.get(metric, "step")), metric, "run", label)
+def curves(frame: pd.DataFrame, exp: Experiment, paper: Mapping[str, Any]) -> plt.Figure:
+    """The experiment's metrics over steps (or tokens seen), a line per run."""
+    metrics = [m for m in exp.metrics if m in frame and frame[m].notna().any()]
+    facet = exp.plot.get("facet")
+    values = list(dict.fromkeys(frame[facet])) if facet else [None]
+    shape = (len(metrics), len(values)) if facet else (1, len(metrics))
+    fig, axes = plt.subplots(*shape, figsize=(4.2 * shape[1], 3.4 * shape[0]), squeeze=False)
+    label = legend_label(exp.plot.get("legend", "{run}"))
+    for i, metric in enumerate(metrics):
+        for j, value in enumerate(values):
+            ax = axes[i][j] if facet else axes[0][i]
+            part = frame if value is None else frame[frame[facet] == value]
+            draw_lines(ax, part, x_axis(part, exp.plot.get("x", {}).get(metric, "step")), metric,
+                       label)
+            if facet and i == 0:
+                ax.set_title(str(value), fontsize=10)
     axes[0][-1].legend(fontsize=8)
     return fig
 
 
-def figure5(frame: pd.DataFrame, paper: Mapping[str, Any]) -> plt.Figure:
-    """T2I metrics against T2I tokens seen, BLIP against I2T tokens seen (X-Fusion Fig. 5)."""
-    pct = lambda part: f"T2I:I2T = {100 * part['t2i_ratio'].iloc[0]:.0f}:{100 - 100 * part['t2i_ratio'].iloc[0]:.0f}"
-    return metric_row(frame, {"fid": "t2i_tokens_seen", "clip": "t2i_tokens_seen",
-                              "blip": "i2t_tokens_seen", "t2i_attr_acc": "t2i_tokens_seen",
-                              "i2t_attr_recall": "i2t_tokens_seen"}, pct)
-
-
-def figure6(frame: pd.DataFrame, paper: Mapping[str, Any]) -> plt.Figure:
-    """Metrics over steps per I2T noise limit (X-Fusion Fig. 6)."""
-    return metric_row(frame, {}, lambda p: f"I2T noise <= {100 * p['i2t_noise_max'].iloc[0]:.0f}%")
-
-
-def figure8(frame: pd.DataFrame, paper: Mapping[str, Any]) -> plt.Figure:
-    """Dual Tower vs X-Fuse over steps (X-Fusion Fig. 8)."""
-    return metric_row(frame, {}, run_label("architecture"))
-
-
-def figure_b(frame: pd.DataFrame, paper: Mapping[str, Any]) -> plt.Figure:
-    """One column per model size, alignment on/off over steps (X-Fusion Supp. Fig. B)."""
-    sizes = list(dict.fromkeys(frame["base_lm"]))
-    rows = ("fid", "blip")
-    fig, axes = plt.subplots(len(rows), max(len(sizes), 1), figsize=(4.2 * max(len(sizes), 1), 6.4),
-                             squeeze=False)
-    for j, size in enumerate(sizes):
-        part = frame[frame["base_lm"] == size]
-        for i, metric in enumerate(rows):
-            draw_lines(axes[i][j], part, "step", metric, "repa",
-                       lambda p: "alignment on" if bool(p["repa"].iloc[0]) else "alignment off")
-            axes[i][j].set_title(size if i == 0 else "", fontsize=10)
-    axes[0][-1].legend(fontsize=8)
-    return fig
-
-
-def figure_d(frame: pd.DataFrame, paper: Mapping[str, Any]) -> plt.Figure:
-    """Probe accuracy per layer, understanding and generation modes (X-Fusion Supp. Fig. D)."""
+def probe(frame: pd.DataFrame, exp: Experiment, paper: Mapping[str, Any]) -> plt.Figure:
+    """Probe top-1 per layer, a panel per mode (understanding, generation), a line per run."""
     modes = list(dict.fromkeys(frame["mode"])) or ["understanding"]
     fig, axes = plt.subplots(1, len(modes), figsize=(4.6 * len(modes), 3.6), squeeze=False)
-    noise = lambda p: ("clean I2T images" if p["i2t_noise_max"].iloc[0] == 0
-                       else f"noisy I2T (t <= {p['i2t_noise_max'].iloc[0]:g})")
+    label = legend_label(exp.plot.get("legend", "{run}"))
     for ax, mode in zip(axes[0], modes):
-        draw_lines(ax, frame[frame["mode"] == mode], "layer", "accuracy", "run", noise)
-        ax.set_xlabel("layer")
+        draw_lines(ax, frame[frame["mode"] == mode], "layer", "probe", label)
         ax.set_title(f"{mode} mode", fontsize=10)
     axes[0][-1].legend(fontsize=8)
     return fig
 
 
-def figure_e(frame: pd.DataFrame, paper: Mapping[str, Any]) -> plt.Figure:
+def captions(frame: pd.DataFrame, exp: Experiment, paper: Mapping[str, Any]) -> plt.Figure:
     """Caption metrics of a long vs a short caption, ours beside the paper (Supp. Fig. E)."""
     metrics = list(dict.fromkeys(frame["metric"]))
     fig, axes = plt.subplots(1, max(len(metrics), 1), figsize=(3.6 * max(len(metrics), 1), 3.6),
@@ -134,18 +120,20 @@ def figure_e(frame: pd.DataFrame, paper: Mapping[str, Any]) -> plt.Figure:
     return fig
 
 
-FIGURES: dict[str, Callable[[pd.DataFrame, Mapping[str, Any]], plt.Figure]] = {
-    "figure5": figure5, "figure6": figure6, "figure8": figure8, "figureB": figure_b,
-    "figureD": figure_d, "figureE": figure_e,
+# One figure per measure of xfusion.config.MEASURES, but `table` (a table is not drawn).
+FIGURES: dict[str, Callable[[pd.DataFrame, Experiment, Mapping[str, Any]], plt.Figure]] = {
+    "curves": curves, "probe": probe, "captions": captions,
 }
 
 
-def draw(experiment: str, frame: pd.DataFrame, reference: Mapping[str, Any],
-         caption: str = "") -> plt.Figure:
+def draw(exp: Experiment, frame: pd.DataFrame, reference: Mapping[str, Any]) -> plt.Figure:
+    if exp.measure not in FIGURES:
+        raise SystemExit(f"config.experiments.{exp.name}.measure = {exp.measure!r}: a table, "
+                         f"not drawn (figures: {', '.join(FIGURES)})")
     paper = reference.get("xfusion", {})
-    fig = FIGURES.get(experiment, figure6)(frame, paper)
-    finding = paper.get("findings", {}).get(experiment)
-    title = caption or experiment
+    fig = FIGURES[exp.measure](frame, exp, paper)
+    finding = paper.get("findings", {}).get(exp.name)
+    title = exp.caption or exp.name
     if finding:
         title += "\n" + "\n".join(textwrap.wrap(f"Paper: {finding}", 110))
     fig.suptitle(title, fontsize=9)
@@ -163,16 +151,14 @@ def save(fig: plt.Figure, outputs: Sequence[str | Path]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, help="config/<scale>.yaml (figure captions)")
-    p.add_argument("--experiment", required=True)
-    p.add_argument("--table", required=True, help="results/<experiment>.csv")
+    p.add_argument("--config", required=True, help="config/<scale>.yaml (its experiments)")
+    p.add_argument("--experiment", required=True, help="a key of config.experiments")
+    p.add_argument("--table", required=True, help="R/tables/<experiment>.csv")
     p.add_argument("--reference", required=True, help="reference/paper_results.yaml")
-    p.add_argument("--out", nargs="+", required=True, help="results/figures/<experiment>.{png,pdf}")
+    p.add_argument("--out", nargs="+", required=True, help="R/figures/<experiment>.{png,pdf}")
     args = p.parse_args(argv)
-    exps = experiments_from_dict(load_yaml(args.config))
-    caption = exps[args.experiment].caption if args.experiment in exps else ""
-    frame = pd.read_csv(args.table)
-    save(draw(args.experiment, frame, load_yaml(args.reference), caption), args.out)
+    exp = get_experiment(load_yaml(args.config), args.experiment)
+    save(draw(exp, pd.read_csv(args.table), load_yaml(args.reference)), args.out)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ import pandas as pd
 import pytest
 
 from eval import aggregate
-from xfusion.config import experiments_from_dict, load_yaml, resolve_run
+from xfusion.config import MEASURES, ConfigError, experiments_from_dict, load_yaml, resolve_run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "config" / "tiny.yaml"
+PAPER = ROOT / "config" / "paper.yaml"
 REFERENCE = ROOT / "reference" / "paper_results.yaml"
 
 
@@ -22,10 +23,10 @@ def metric(path: Path, name: str, value: float, run=None, step=None, details=Non
     return str(path)
 
 
-def make_inputs(root: Path, experiment: str, attributes: bool = False) -> dict:
+def make_inputs(root: Path, experiment: str, attributes: bool = False, raw=None) -> dict:
     """Metric files, base result, train logs and caption metrics the way the DAG lays them out;
     with `attributes`, the tiny world's t2i_attr_acc / i2t_attr_recall files too."""
-    raw = load_yaml(CONFIG)
+    raw = raw or load_yaml(CONFIG)
     runs = experiments_from_dict(raw)[experiment].runs
     out = {"metrics": [], "base": [], "train_logs": [], "caption_metrics": []}
     for i, name in enumerate(runs):
@@ -33,13 +34,13 @@ def make_inputs(root: Path, experiment: str, attributes: bool = False) -> dict:
         for step in run.training.eval_steps:
             d = root / "metrics" / name / str(step)
             out["metrics"] += [metric(d / "fid.json", "fid", 30.0 - i - step / 100, name, step),
-                               metric(d / "clip.json", "clip_score", 20.0 + i, None, None),
-                               metric(d / "itm.json", "blip_itm", 40.0 + i, name, step),
+                               metric(d / "clip.json", "clip", 20.0 + i, None, None),
+                               metric(d / "blip.json", "blip", 40.0 + i, name, step),
                                metric(d / "mmlu.json", "mmlu", 0.25 + 0.01 * i, name, step)]
             per_layer = {mode: {str(l): 0.5 + 0.05 * l - 0.1 * run.training.i2t_noise_max
                                 for l in run.evaluation.probe_layers}
                          for mode in ("understanding", "generation")}
-            out["metrics"].append(metric(d / "probe.json", "linear_probe", 0.6, name, step,
+            out["metrics"].append(metric(d / "probe.json", "probe", 0.6, name, step,
                                          {"per_layer": per_layer}))
             if attributes:
                 out["metrics"] += [metric(d / "t2i_attr_acc.json", "t2i_attr_acc",
@@ -62,10 +63,22 @@ def make_inputs(root: Path, experiment: str, attributes: bool = False) -> dict:
     return out
 
 
-def run_aggregate(tmp_path: Path, experiment: str, attributes: bool = False) -> pd.DataFrame:
-    inputs = make_inputs(tmp_path / "R", experiment, attributes)
+def wanted(paths: list[str], raw, experiment: str) -> list[str]:
+    """The metric files the experiment declares (its metrics; at every step or the last)."""
+    exp = experiments_from_dict(raw)[experiment]
+    last = {name: max(resolve_run(raw, name).training.eval_steps) for name in exp.runs}
+    return [p for p in paths if Path(p).stem in exp.metrics
+            and (exp.steps == "every" or int(Path(p).parent.name) == last[Path(p).parent.parent.name])]
+
+
+def run_aggregate(tmp_path: Path, experiment: str, attributes: bool = False,
+                  config: Path = CONFIG) -> pd.DataFrame:
+    """eval.aggregate on the files the DAG would give it (common.smk, aggregate_inputs)."""
+    raw = load_yaml(config)
+    inputs = make_inputs(tmp_path / "R", experiment, attributes, raw)
+    inputs["metrics"] = wanted(inputs["metrics"], raw, experiment)
     out = tmp_path / f"{experiment}.csv"
-    argv = ["--config", str(CONFIG), "--experiment", experiment, "--reference", str(REFERENCE),
+    argv = ["--config", str(config), "--experiment", experiment, "--reference", str(REFERENCE),
             "--out", str(out)]
     for flag, values in (("--metrics", inputs["metrics"]), ("--base", inputs["base"]),
                          ("--train-logs", inputs["train_logs"]),
@@ -77,8 +90,10 @@ def run_aggregate(tmp_path: Path, experiment: str, attributes: bool = False) -> 
 
 def test_table1_has_base_row_four_architectures_and_paper_columns(tmp_path):
     table = run_aggregate(tmp_path, "table1")
-    assert list(table.columns) == ["variant", "mmlu", "fid", "clip", "blip", "paper_mmlu",
-                                   "paper_fid", "paper_clip", "paper_blip"]
+    # the columns tiny.yaml declares: the paper's, the world's ground-truth metrics, paper_*
+    assert list(table.columns) == ["variant", "mmlu", "fid", "clip", "blip", "t2i_attr_acc",
+                                   "i2t_attr_recall", "paper_mmlu", "paper_fid", "paper_clip",
+                                   "paper_blip"]
     assert list(table.variant) == ["tiny_base", "single_tower", "gated_tower", "dual_projection",
                                    "dual_tower"]
     row = table.set_index("variant")
@@ -93,9 +108,6 @@ def test_table1_has_base_row_four_architectures_and_paper_columns(tmp_path):
 
 def test_attribute_metrics_get_percent_columns_where_measured(tmp_path):
     table = run_aggregate(tmp_path, "table1", attributes=True)
-    assert list(table.columns) == ["variant", "mmlu", "fid", "clip", "blip", "t2i_attr_acc",
-                                   "i2t_attr_recall", "paper_mmlu", "paper_fid", "paper_clip",
-                                   "paper_blip"]
     row = table.set_index("variant")
     assert row.loc["dual_tower", "t2i_attr_acc"] == pytest.approx(100 * (0.5 + 0.3))
     assert row.loc["dual_tower", "i2t_attr_recall"] == pytest.approx(100 * (0.4 + 0.4))
@@ -106,19 +118,33 @@ def test_attribute_metrics_get_percent_columns_where_measured(tmp_path):
     assert "t2i_attr_acc" in lr and "i2t_attr_recall" in lr
 
 
-def test_without_attribute_files_no_attribute_columns(tmp_path):
-    """Paper scale has no scene records, hence no attribute metric files: tables stay as before."""
+def test_paper_scale_tables_have_no_attribute_columns(tmp_path):
+    """Paper scale has no scene records: its config declares no attribute metric, so its tables
+    and their inputs have none."""
     for experiment in ("table1", "lr_ratio", "figure5"):
-        frame = run_aggregate(tmp_path / experiment, experiment)
+        frame = run_aggregate(tmp_path / experiment, experiment, config=PAPER)
         assert not {"t2i_attr_acc", "i2t_attr_recall"} & set(frame), experiment
+        assert {"fid", "blip"} <= set(frame)
 
 
-def test_table_a_puts_our_final_model_beside_published_rows(tmp_path):
+def test_attribute_metric_without_scene_records_is_a_config_error():
+    raw = load_yaml(PAPER)
+    raw["experiments"]["table1"]["metrics"].append("t2i_attr_acc")
+    with pytest.raises(ConfigError, match="experiments.table1.metrics = 't2i_attr_acc': needs "
+                                          "the tiny world's scene records"):
+        experiments_from_dict(raw)
+
+
+def test_table_a_puts_our_final_model_below_published_rows_in_our_column_names(tmp_path):
     table = run_aggregate(tmp_path, "tableA")
-    assert set(table.source) == {"paper", "ours"}
-    assert "X-Fusion" in set(table.system)
+    assert list(table.columns) == ["variant", "source", "base_lm", "mmlu", "blip", "fid"]
+    assert list(table.source) == ["paper"] * 13 + ["ours"]
+    xfusion = table.set_index("variant").loc["X-Fusion"]  # reference coco_fid -> fid
+    assert xfusion.fid == pytest.approx(11.5) and xfusion.blip == pytest.approx(80.0)
+    assert xfusion.base_lm == "LLaMA-3.1 8B"
     ours = table[table.source == "ours"].iloc[0]
-    assert ours.system == "ours: dual_tower" and ours.coco_fid == pytest.approx(30.0 - 4.0)
+    assert ours.variant == "dual_tower" and ours.base_lm == "tiny_base"
+    assert ours.fid == pytest.approx(30.0 - 4.0) and ours.mmlu == pytest.approx(25.0)
 
 
 def test_lr_ratio_reports_mmlu_change_against_base(tmp_path):
@@ -139,10 +165,11 @@ def test_figure5_rows_per_run_and_step_with_tokens_seen(tmp_path):
 
 def test_figure_d_probe_per_layer_and_mode(tmp_path):
     frame = run_aggregate(tmp_path, "figureD")
+    assert list(frame.columns) == ["run", "step", "i2t_noise_max", "mode", "layer", "probe"]
     assert set(frame["mode"]) == {"understanding", "generation"}
     assert set(frame.layer) == {1, 2, 3, 4}
-    clean = frame[frame.i2t_noise_max == 0].accuracy.mean()
-    noisy = frame[frame.i2t_noise_max > 0].accuracy.mean()
+    clean = frame[frame.i2t_noise_max == 0].probe.mean()
+    noisy = frame[frame.i2t_noise_max > 0].probe.mean()
     assert clean > noisy
 
 
@@ -161,3 +188,20 @@ def test_unknown_metric_file_is_refused(tmp_path):
     bad = metric(tmp_path / "metrics" / "dual_tower" / "400" / "bleu.json", "bleu", 1.0)
     with pytest.raises(SystemExit, match="unknown metric file"):
         aggregate.read_metrics([bad])
+
+
+def test_a_metric_named_otherwise_in_its_json_is_refused(tmp_path):
+    """One name per metric: the file blip.json must say metric "blip" (not blip_itm, itm)."""
+    bad = metric(tmp_path / "metrics" / "dual_tower" / "400" / "blip.json", "blip_itm", 30.0)
+    with pytest.raises(SystemExit, match="metric 'blip_itm'.*one name"):
+        aggregate.read_metrics([bad])
+
+
+def test_metric_files_of_a_run_outside_the_experiment_are_refused(tmp_path):
+    stray = metric(tmp_path / "metrics" / "noise_25" / "400" / "fid.json", "fid", 1.0)
+    with pytest.raises(SystemExit, match="noise_25: not runs of config.experiments.table1"):
+        aggregate.aggregate(load_yaml(CONFIG), "table1", load_yaml(REFERENCE), [stray])
+
+
+def test_one_builder_per_measure():
+    assert set(aggregate.BUILDERS) == set(MEASURES)

@@ -44,12 +44,12 @@ def i2t_file(root, path, n=5):
 def test_cli_reads_i2t_captions_and_writes_the_metric_json(tmp_path):
     root, config = trained_judges()
     i2t_file(root, root / "samples" / "i2t.jsonl")  # R-relative image paths, as sample writes
-    out = tmp_path / "itm.json"
+    out = tmp_path / "blip.json"
     itm.main(["--config", str(config), "--captions", str(root / "samples" / "i2t.jsonl"),
               "--judges", str(root / "judges"), "--out", str(out)])
     record = json.loads(out.read_text())
     assert set(record) == {"metric", "value", "run", "step", "n", "details"}
-    assert record["metric"] == "blip_itm" and record["n"] == 5 and 0 <= record["value"] <= 100
+    assert record["metric"] == "blip" and record["n"] == 5 and 0 <= record["value"] <= 100
     assert record["details"]["backend"] == "transformers"
 
 
@@ -60,7 +60,7 @@ def test_lavis_backend_without_its_environment_stops_with_a_clear_message(tmp_pa
     with pytest.raises(SystemExit, match="lavis-env"):
         itm.main(["--config", str(config), "--captions", str(root / "samples" / "i2t_lavis.jsonl"),
                   "--lavis-python", str(tmp_path / "no-such-python"), "--out",
-                  str(tmp_path / "itm.json")])
+                  str(tmp_path / "blip.json")])
 
 
 def test_judge_name_without_judges_dir_stops_with_a_clear_message(tmp_path):
@@ -69,4 +69,4 @@ def test_judge_name_without_judges_dir_stops_with_a_clear_message(tmp_path):
     with pytest.raises(SystemExit, match="--judges"):
         itm.main(["--config", str(config), "--captions",
                   str(root / "samples" / "i2t_nojudge.jsonl"), "--out",
-                  str(tmp_path / "itm.json")])
+                  str(tmp_path / "blip.json")])

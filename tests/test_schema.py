@@ -1,5 +1,5 @@
-"""The config schema: in step with xfusion.config, accepts both scales, and a bad value stops
-Snakemake before any job with a message naming the dotted key."""
+"""The config schema: in step with xfusion.config (its registries' enums come from there), accepts
+both scales, and a bad value stops Snakemake before any job with a message naming the dotted key."""
 
 import dataclasses
 import subprocess
@@ -13,7 +13,8 @@ import yaml
 from xfusion import config as xc
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+SCHEMA_PATH = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA = xc.config_schema(SCHEMA_PATH)
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 
 
@@ -27,16 +28,37 @@ def section_schemas():
     yield "model.codec", xc.ImageCodecConfig, model["codec"]
     yield "model.repa", xc.RepaConfig, model["repa"]
     yield "data.captioner", xc.CaptionerConfig, props["data"]["properties"]["captioner"]
+    experiment = props["experiments"]["additionalProperties"]
+    yield "experiments.<name>", xc.Experiment, experiment
+    yield "experiments.<name>.paper", xc.PaperReference, experiment["properties"]["paper"]
 
 
-def test_architecture_enum_is_the_registry():
-    enum = SCHEMA["properties"]["model"]["properties"]["architecture"]["enum"]
-    assert tuple(enum) == xc.ARCHITECTURES
+def test_registry_enums_come_from_xfusion_config_only():
+    """The YAML file names no architecture, metric or measure: the loaded schema gets them."""
+    def enums(node):
+        if isinstance(node, dict):
+            yield from ([node["enum"]] if "enum" in node else [])
+            for value in node.values():
+                yield from enums(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from enums(value)
+
+    in_file = [v for enum in enums(yaml.safe_load(SCHEMA_PATH.read_text())) for v in enum]
+    registered = {*xc.ARCHITECTURES, *xc.METRICS, *xc.MEASURES, *xc.STEPS, *xc.PAPER_LAYOUTS}
+    assert in_file and not registered & set(in_file)
+    assert SCHEMA["$defs"]["architecture"]["enum"] == list(xc.ARCHITECTURES)
+    assert SCHEMA["$defs"]["metric"]["enum"] == list(xc.METRICS)
+    assert SCHEMA["$defs"]["measure"]["enum"] == list(xc.MEASURES)
+    node = SCHEMA["properties"]["model"]["properties"]["architecture"]
+    assert node == {"$ref": "#/$defs/architecture"}
 
 
 @pytest.mark.parametrize("name,cls,node", list(section_schemas()), ids=lambda v: str(v)[:20])
 def test_schema_keys_match_dataclass_fields(name, cls, node):
     fields = {f.name for f in dataclasses.fields(cls)}
+    if cls is xc.Experiment:
+        fields.remove("name")  # the key of config.experiments
     assert set(node["properties"]) == fields, f"config.{name}: schema and dataclass differ"
     assert node["additionalProperties"] is False
     assert set(node.get("required", [])) <= fields
@@ -100,3 +122,14 @@ def test_value_check_beyond_the_schema_stops(tmp_path):
     # eval steps past the last training step: caught by xfusion.config.validate
     rc, out = dry_run(tmp_path, lambda c: c["training"].update(eval_steps=[200, 4000]))
     assert_stopped(rc, out, "config.training.eval_steps")
+
+
+def test_unknown_metric_of_an_experiment_stops_before_any_job(tmp_path):
+    rc, out = dry_run(tmp_path, lambda c: c["experiments"]["table1"]["metrics"].append("itm"))
+    assert_stopped(rc, out, "config.experiments.table1.metrics.6 = 'itm'", "blip")
+
+
+def test_figure_facet_outside_its_settings_stops_before_any_job(tmp_path):
+    rc, out = dry_run(tmp_path, lambda c: c["experiments"]["figureB"]["plot"].update(facet="seed"))
+    assert_stopped(rc, out, "config.experiments.figureB.plot.facet = 'seed'",
+                   "a column of the experiment's settings")

@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from xfusion.config import ARCHITECTURES
+from xfusion.config import ARCHITECTURES, VARIANTS
 from xfusion.model.base import text_weight_hash
+from xfusion.model.towers import BLOCKS
 
-TEXT_PRESERVING = ("gated_tower", "dual_projection", "dual_tower")
+TEXT_PRESERVING = [a for a, v in VARIANTS.items() if v.preserves_text]
 
 
 def text_batch():
@@ -55,6 +56,30 @@ def test_gated_tower_gating_text_too_equals_the_base_only_at_init(tiny_xfusion, 
     with torch.no_grad():
         assert not torch.equal(model.text_logits(ids), model.llm(ids).logits)
     assert not model.preserves_text
+
+
+def test_registry_names_a_block_class_per_variant_in_the_papers_order():
+    assert list(BLOCKS) == list(ARCHITECTURES) == list(VARIANTS)
+    assert [BLOCKS[a].__name__ for a in ARCHITECTURES] == [v.block for v in VARIANTS.values()]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_registry_text_facts_hold_for_each_block(arch, tiny_xfusion, mixed_samples):
+    """VARIANTS says whether the text weights train and whether text outputs stay the base
+    LLM's; training a few steps shows both."""
+    model = tiny_xfusion(arch)
+    variant = VARIANTS[arch]
+    assert any(p.requires_grad for p in model.llm.parameters()) == variant.trains_text
+    assert model.preserves_text == variant.preserves_text
+    ids, _ = text_batch()
+    perturb_init(model)  # gamma, beta off zero: a block that can move text outputs does
+    train_a_few_steps(model, mixed_samples)
+    unchanged = text_weight_hash(model.llm) == model.base_ref["text_weight_hash"]
+    assert unchanged == (not variant.trains_text)
+    if unchanged:  # model.llm is still the base LLM: compare the text path with it
+        with torch.no_grad():
+            same = torch.equal(model.text_logits(ids), model.llm(ids).logits)
+        assert same == variant.preserves_text
 
 
 def hidden(model, batch):

@@ -53,11 +53,13 @@ def test_lint_is_clean():
 
 
 def test_tiny_dry_run_plans_every_table_and_figure(tiny_plan):
+    """Per scale under its results_dir, and each table copied to results/<experiment>.csv."""
     for name, exp in experiments_from_dict(TINY).items():
-        assert f"results/{name}.csv" in tiny_plan
+        assert f"/tiny/tables/{name}.csv" in tiny_plan
+        assert f"output: results/{name}.csv" in tiny_plan
         if exp.kind == "figure":
-            assert f"results/figures/{name}.png" in tiny_plan
-            assert f"results/figures/{name}.pdf" in tiny_plan
+            assert f"/tiny/figures/{name}.png" in tiny_plan
+            assert f"/tiny/figures/{name}.pdf" in tiny_plan
 
 
 def test_each_run_trained_once_and_shared_runs_not_duplicated(tiny_plan):
@@ -69,7 +71,7 @@ def test_each_run_trained_once_and_shared_runs_not_duplicated(tiny_plan):
     assert counts["world"] == 1 and counts["tokenizer"] == 1 and counts["judges"] == 1
     assert counts["caption"] == 2 and counts["latents"] == 2
     assert counts["base_lm"] == 3  # tiny_base, tiny_s, tiny_l (Supp. Fig. B sizes)
-    assert counts["aggregate"] == len(experiments_from_dict(TINY))
+    assert counts["aggregate"] == counts["publish"] == len(experiments_from_dict(TINY))
     assert counts["linear_probe"] == 2 and counts["caption_metrics"] == 1
     # ground-truth attribute metrics wherever FID is measured; their classifier trained once
     assert counts["attribute_classifier"] == 1
@@ -134,8 +136,8 @@ out = Path(opt("--out"))
 def write(path, text="{}\n"):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
-def metric(value, details=None):
-    write(out, json.dumps({"metric": module, "value": value, "run": opt("--run"),
+def metric(value, details=None):  # named as the file: the metric's one name
+    write(out, json.dumps({"metric": out.stem, "value": value, "run": opt("--run"),
                            "step": int(opt("--step")) if opt("--step") else None, "n": 1,
                            "details": details or {}}))
 if module == "xfusion.data.world":
@@ -181,9 +183,9 @@ def executed(tmp_path_factory):
     env = dict(os.environ, XFUSION_PYTHON=str(stand_in), REAL_PYTHON=sys.executable,
                STAND_IN_LOG=str(work / "calls.jsonl"), OMP_NUM_THREADS="1")
 
-    def run(*args):
+    def run(*args, targets=TARGETS):
         proc = subprocess.run([str(SNAKEMAKE), "-s", str(ROOT / "Snakefile"), "-d", str(work),
-                               "--cores", "2", *TARGETS, *args],
+                               "--cores", "2", *targets, *args],
                               cwd=work, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
         return proc.stdout + proc.stderr
@@ -192,15 +194,25 @@ def executed(tmp_path_factory):
     return work, run
 
 
-TARGETS = ["results/table1.csv", "results/figures/figure5.png", "results/figures/figureE.png"]
+TARGETS = ["results/table1.csv", "results/tiny/figures/figure5.png",
+           "results/tiny/figures/figureE.png"]
 
 
 def test_dag_runs_end_to_end_with_stand_in_entry_points(executed):
     work, _ = executed
-    table = pd.read_csv(work / "results" / "table1.csv")
+    table = pd.read_csv(work / "results" / "tiny" / "tables" / "table1.csv")
     assert list(table.variant) == ["tiny_base", "single_tower", "gated_tower", "dual_projection",
                                    "dual_tower"]
-    assert (work / "results" / "figures" / "figure5.pdf").stat().st_size > 1000
+    trained = table.iloc[1:]  # below the base LLM row (MMLU only)
+    assert trained.blip.notna().all() and trained.fid.notna().all()  # one metric name, end to end
+    # the user's target is a copy of the scale's table
+    assert (work / "results" / "table1.csv").read_bytes() == (
+        work / "results" / "tiny" / "tables" / "table1.csv").read_bytes()
+    assert (work / "results" / "tiny" / "figures" / "figure5.pdf").stat().st_size > 1000
+    assert not (work / "results" / "figures").exists()
+    metrics = {p.name for p in (work / "results" / "tiny" / "metrics").rglob("*.json")}
+    assert {"fid.json", "clip.json", "blip.json", "mmlu.json"} <= metrics
+    assert not {"itm.json", "clip_score.json", "blip_itm.json"} & metrics
     calls = [json.loads(l) for l in (work / "calls.jsonl").read_text().splitlines()]
     trains = [c[c.index("--run") + 1] for c in calls if c[1] == "xfusion.train"]
     assert sorted(trains) == sorted(set(trains))  # dual_tower (table1 + figure5) trained once
@@ -215,7 +227,8 @@ def test_forcerun_train_reruns_exactly_its_dependents(executed):
     _, run = executed
     counts = job_counts(run("-n", "--forcerun", "train_run"))
     assert set(counts) == {"train_run", "sample_t2i", "sample_i2t", "fid", "clip_score", "itm",
-                           "geneval", "caption_attributes", "mmlu", "aggregate", "plot"}
+                           "geneval", "caption_attributes", "mmlu", "aggregate", "publish",
+                           "plot"}
     # not data, base LLM, judges, attribute classifier, base MMLU
     assert counts["train_run"] == 8  # table1's 4 architectures + figure5's other 4 ratios
 
@@ -225,7 +238,8 @@ def test_forcing_one_run_reruns_only_that_run_and_its_figure(executed):
     out = run("-n", "--forcerun", "results/tiny/runs/ratio_50_50/done.json")
     counts = job_counts(out)
     assert counts["train_run"] == 1 and counts["fid"] == 2 and counts["aggregate"] == 1
-    assert "output: results/figure5.csv" in out and "output: results/table1.csv" not in out
+    assert "output: results/tiny/tables/figure5.csv" in out
+    assert "output: results/tiny/tables/table1.csv" not in out
 
 
 def test_report_bundles_tables_and_figures(executed):
@@ -235,3 +249,45 @@ def test_report_bundles_tables_and_figures(executed):
         names = archive.namelist()
     assert any(n.endswith("table1.csv") for n in names)
     assert any(n.endswith("figure5.png") for n in names)
+
+
+def test_a_new_figure_of_an_existing_measure_is_config_only(executed, tmp_path):
+    """A config that declares one more figure over trained runs gets its CSV and figure from the
+    existing rules: only aggregate and plot run, no code names the experiment."""
+    work, run = executed
+    raw = load_yaml(ROOT / "config" / "tiny.yaml")
+    raw["experiments"]["blip_by_ratio"] = {
+        "caption": "BLIP against I2T tokens seen, two T2I shares.",
+        "measure": "curves", "steps": "every", "metrics": ["blip"],
+        "settings": {"t2i_ratio": "training.t2i_ratio"}, "tokens_seen": True,
+        "plot": {"x": {"blip": "i2t_tokens_seen"}, "legend": "T2I share {t2i_ratio:.0%}"},
+        "runs": {"dual_tower": {}, "ratio_50_50": {"training.t2i_ratio": 0.5}}}
+    config = tmp_path / "extra.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    out = run("--configfile", str(config), targets=["results/tiny/tables/blip_by_ratio.csv",
+                                                    "results/tiny/figures/blip_by_ratio.png"])
+    assert job_counts(out) == {"aggregate": 1, "plot": 1}
+    frame = pd.read_csv(work / "results" / "tiny" / "tables" / "blip_by_ratio.csv")
+    assert list(frame.columns) == ["run", "step", "blip", "t2i_ratio", "t2i_tokens_seen",
+                                   "i2t_tokens_seen"]
+    assert frame.blip.tolist() == [20.0] * 4  # the stand-in's value, at steps 200 and 400
+    assert frame.i2t_tokens_seen.tolist() == [1000, 2000, 1000, 2000]
+    png = work / "results" / "tiny" / "figures" / "blip_by_ratio.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_results_copy_follows_the_scale_run(executed, tmp_path):
+    """results/<experiment>.csv is the table of the config Snakemake ran last: another
+    results_dir remakes it from there, and the first one's run remakes it back."""
+    work, run = executed
+    raw = dict(load_yaml(ROOT / "config" / "tiny.yaml"), results_dir="results/other")
+    config = tmp_path / "other.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    other = run("--configfile", str(config), targets=["results/figureE.csv"])
+    publish = jobs(other, "publish")
+    assert len(publish) == 1 and "input: results/other/tables/figureE.csv" in publish[0]
+    copy = work / "results" / "figureE.csv"
+    assert copy.read_bytes() == (work / "results" / "other" / "tables" / "figureE.csv").read_bytes()
+    back = jobs(run(targets=["results/figureE.csv"]), "publish")
+    assert len(back) == 1 and "input: results/tiny/tables/figureE.csv" in back[0]
+    assert copy.read_bytes() == (work / "results" / "tiny" / "tables" / "figureE.csv").read_bytes()

@@ -22,10 +22,58 @@ from typing import Any, Mapping
 
 import yaml
 
-# The registry of block variants: drives the schema enum, Snakemake wildcard constraints and
-# CLI choices alike. `x_fuse` is dual_tower with the X-Fuse mixing of Section 5.
-ARCHITECTURES = ("single_tower", "gated_tower", "dual_projection", "dual_tower", "x_fuse")
-FROZEN_TEXT_ARCHITECTURES = ("gated_tower", "dual_projection", "dual_tower", "x_fuse")
+
+@dataclass(frozen=True)
+class Variant:
+    """What the pipeline knows of a block variant besides its code (xfusion/model/towers.py)."""
+
+    block: str  # its class in xfusion/model/towers.py (towers.BLOCKS is built from this table)
+    trains_text: bool  # the Llama weights train too; else frozen (requires_grad=False, hash checked)
+    preserves_text: bool  # text-only input gives exactly the base LLM's output (MMLU is reused)
+    gated: bool = False  # a gamma-gated copy: model.gate_text extends the gate to text positions
+
+
+# The registry of block variants, in the paper's order: the schema enum, config validation, the
+# model's frozen weights, MMLU reuse and the tests' parametrisation all read it.
+VARIANTS = {
+    "single_tower": Variant("SingleTower", trains_text=True, preserves_text=False),
+    "gated_tower": Variant("GatedTower", trains_text=False, preserves_text=True, gated=True),
+    "dual_projection": Variant("DualProjection", trains_text=False, preserves_text=True),
+    "dual_tower": Variant("DualTower", trains_text=False, preserves_text=True),
+    # dual_tower with the X-Fuse mixing of Section 4: the text weights stay frozen, but the text
+    # tokens' alpha/beta train, so text outputs move and MMLU must be measured.
+    "x_fuse": Variant("XFuse", trains_text=False, preserves_text=False),
+}
+ARCHITECTURES = tuple(VARIANTS)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A measured quantity. Its one name (the key of METRICS) is the metric file's stem
+    (R/metrics/RUN/STEP/<name>.json), the JSON's `metric`, the CSV column, the MLflow key and the
+    plot panel; the rules and modules that compute it keep the evaluator's name."""
+
+    label: str  # axis label of the figures
+    percent: bool = False  # a fraction in the JSON, a percentage in tables and figures
+    world_only: bool = False  # reads the tiny world's scene records (data.source: world)
+
+
+# The paper's column names. Written by eval.fid, eval.clip_score, eval.itm (BLIP-2 image-text
+# matching, x100), eval.mmlu, eval.linear_probe, eval.geneval and eval.caption_attributes.
+METRICS = {
+    "fid": Metric("FID (lower is better)"),
+    "clip": Metric("CLIP score"),
+    "blip": Metric("BLIP (ITM) score"),
+    "mmlu": Metric("MMLU (%)", percent=True),
+    "probe": Metric("probe top-1 (%)", percent=True),
+    "t2i_attr_acc": Metric("T2I attribute accuracy (%)", percent=True, world_only=True),
+    "i2t_attr_recall": Metric("I2T attribute recall (%)", percent=True, world_only=True),
+}
+# What an experiment measures: eval.aggregate and eval.plots keep one builder per measure.
+# `table` is a table (CSV only); the others are figures, drawn from their CSV.
+MEASURES = ("table", "curves", "probe", "captions")
+STEPS = ("final", "every")  # metrics at each run's last eval step, or at every eval step
+PAPER_LAYOUTS = ("columns", "rows")  # published numbers as paper_* columns, or as rows
 CAPTION_BACKENDS = ("scene", "hf")
 IMAGE_CODECS = ("pixel_shuffle", "autoencoder_kl")
 TIMESTEP_SAMPLINGS = ("logit_normal", "uniform")
@@ -112,6 +160,12 @@ class ModelConfig:
     base_lm: BaseLMConfig = field(default_factory=BaseLMConfig)
     codec: ImageCodecConfig = field(default_factory=ImageCodecConfig)
     repa: RepaConfig = field(default_factory=RepaConfig)
+
+
+def preserves_text(model: ModelConfig) -> bool:
+    """Text-only input gives exactly the base LLM's output, before and after training."""
+    variant = VARIANTS[model.architecture]
+    return variant.preserves_text and not (variant.gated and model.gate_text)
 
 
 @dataclass(frozen=True)
@@ -247,13 +301,38 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class PaperReference:
+    """Where an experiment's published numbers are: `xfusion.<table>.rows` of
+    reference/paper_results.yaml, a transcription of the paper that keeps its column names."""
+
+    table: str
+    layout: str = "columns"  # paper_<metric> beside ours (row = run name or architecture) | rows
+    names: dict[str, str] = field(default_factory=dict)  # reference column -> ours (coco_fid: fid)
+
+
+@dataclass(frozen=True)
 class Experiment:
-    """A table or figure: named runs, each a set of dotted overrides of the base recipe."""
+    """A table or figure, declared in config only: its runs (dotted overrides of the recipe), what
+    it measures at which steps, and the columns and figure it gets. eval.aggregate and eval.plots
+    keep one builder per `measure`, so a new table or figure of an existing measure is config."""
 
     name: str
-    kind: str  # table | figure
+    measure: str  # one of MEASURES
     runs: dict[str, dict[str, Any]]
+    steps: str = "final"  # one of STEPS
+    metrics: tuple[str, ...] = ()  # names in METRICS, in column order
+    settings: dict[str, str] = field(default_factory=dict)  # column -> dotted key of each run
+    base: bool = False  # rows of the base LLMs (their MMLU) above the runs
+    changes: tuple[str, ...] = ()  # <metric>_change columns: a run against its base LLM (mmlu)
+    tokens_seen: bool = False  # T2I/I2T tokens seen per step, from the training logs
+    paper: PaperReference | None = None
+    plot: dict[str, Any] = field(default_factory=dict)  # x: {metric: column}, legend, facet
     caption: str = ""
+
+    @property
+    def kind(self) -> str:
+        """`table`: a CSV; `figure`: a CSV and the PNG/PDF drawn from it."""
+        return "table" if self.measure == "table" else "figure"
 
 
 SECTIONS = {
@@ -379,14 +458,68 @@ def run_from_dict(raw: Mapping[str, Any], name: str = "base") -> RunConfig:
     return validate(run)
 
 
+def _has_key(dotted: str) -> bool:
+    """Whether `dotted` (`model.repa.enabled`) names a field of a config section."""
+    section, _, rest = dotted.partition(".")
+    cls = SECTIONS.get(section)
+    for part in rest.split("."):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if cls else {}
+        if part not in fields:
+            return False
+        nested = fields[part].default_factory
+        cls = nested if dataclasses.is_dataclass(nested) else None
+    return True
+
+
+def _experiment(name: str, spec: Mapping[str, Any], world: bool = True) -> Experiment:
+    """One `config.experiments.<name>` entry, checked; `world`: scene records exist
+    (data.source: world), so the world-only metrics can be measured."""
+    key = f"experiments.{name}"
+    spec = dict(spec)
+    paper = spec.pop("paper", None)
+    # A figure may train nothing (Supp. Fig. E compares captions with the judges only).
+    runs = dict(spec.pop("runs", None) or {})
+    exp = _build(Experiment, {"name": name, "runs": runs, **spec}, f"config.{key}.")
+    if paper is not None:
+        exp = dataclasses.replace(exp, paper=_build(PaperReference, paper, f"config.{key}.paper."))
+    _check(exp.measure in MEASURES, f"{key}.measure", exp.measure,
+           f"must be one of {', '.join(MEASURES)}")
+    _check(exp.steps in STEPS, f"{key}.steps", exp.steps, f"must be one of {', '.join(STEPS)}")
+    for metric in exp.metrics:
+        _check(metric in METRICS, f"{key}.metrics", metric, f"must be one of {', '.join(METRICS)}")
+        _check(world or not METRICS[metric].world_only, f"{key}.metrics", metric,
+               "needs the tiny world's scene records (data.source: world)")
+    _check(not exp.base or "mmlu" in exp.metrics, f"{key}.base", exp.base,
+           "the base LLM rows carry its MMLU: mmlu must be among the metrics")
+    _check(set(exp.changes) <= {"mmlu"} & set(exp.metrics), f"{key}.changes", exp.changes,
+           "the base LLM is measured on mmlu only, and it must be among the metrics")
+    for column, dotted in exp.settings.items():
+        _check(_has_key(dotted), f"{key}.settings.{column}", dotted,
+               "must name a config key, e.g. training.t2i_ratio")
+    facet = exp.plot.get("facet")
+    _check(facet is None or facet in exp.settings, f"{key}.plot.facet", facet,
+           "must be a column of the experiment's settings")
+    _check(set(exp.plot.get("x", {})) <= set(exp.metrics), f"{key}.plot.x", exp.plot.get("x"),
+           "its keys must be among the experiment's metrics")
+    if exp.paper is not None:
+        _check(exp.paper.layout in PAPER_LAYOUTS, f"{key}.paper.layout", exp.paper.layout,
+               f"must be one of {', '.join(PAPER_LAYOUTS)}")
+    return exp
+
+
 def experiments_from_dict(raw: Mapping[str, Any]) -> dict[str, Experiment]:
-    exps = {}
-    for name, spec in (raw.get("experiments") or {}).items():
-        # A figure may train nothing (Supp. Fig. E compares captions with the judges only).
-        runs = spec.get("runs") or {}
-        exps[name] = Experiment(name=name, kind=spec.get("kind", "figure"), runs=dict(runs),
-                                caption=spec.get("caption", ""))
-    return exps
+    world = (raw.get("data") or {}).get("source", DataConfig.source) == "world"
+    return {name: _experiment(name, spec, world)
+            for name, spec in (raw.get("experiments") or {}).items()}
+
+
+def get_experiment(raw: Mapping[str, Any], name: str) -> Experiment:
+    """`config.experiments.<name>`, checked; an unknown name says which are known."""
+    exps = experiments_from_dict(raw)
+    if name not in exps:
+        raise ConfigError(f"experiment {name!r} is not declared in config.experiments "
+                          f"(known: {', '.join(exps)})")
+    return exps[name]
 
 
 def all_runs(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -422,6 +555,20 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
+
+
+# Enums of the config schema that the registries above define: workflow/schemas/config.schema.yaml
+# declares `$defs.<name>` without an enum, and config_schema fills it in from here.
+SCHEMA_ENUMS = {"architecture": ARCHITECTURES, "metric": tuple(METRICS), "measure": MEASURES,
+                "steps": STEPS, "paper_layout": PAPER_LAYOUTS}
+
+
+def config_schema(path: str | Path) -> dict[str, Any]:
+    """The config's JSON schema (a YAML file) with the registries' enums filled in."""
+    schema = load_yaml(path)
+    for name, values in SCHEMA_ENUMS.items():
+        schema["$defs"][name]["enum"] = list(values)
+    return schema
 
 
 def load_run(config_path: str | Path, run_name: str | None = None) -> RunConfig:

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from xfusion import checkpoint
-from xfusion.config import FROZEN_TEXT_ARCHITECTURES, RunConfig, load_run, load_yaml
+from xfusion.config import VARIANTS, RunConfig, load_run, load_yaml
 from xfusion.data.mixing import MixedStream, read_captions
 from xfusion.engine import Engine, rank, setup_distributed, world_size
 from xfusion.io import atomic_write_json, atomic_write_jsonl, read_jsonl
@@ -278,7 +278,7 @@ def train(args: argparse.Namespace) -> dict:
 
     # Finish: frozen text weights must be untouched, bitwise, in the dtype training holds them.
     text_hash = text_weight_hash(model.llm)
-    if cfg.model.architecture in FROZEN_TEXT_ARCHITECTURES and text_hash != expected_hash:
+    if not VARIANTS[cfg.model.architecture].trains_text and text_hash != expected_hash:
         raise RuntimeError(f"{cfg.name}: frozen text weights changed during training")
     result = {"run": cfg.name, "steps": t.steps, "eval_steps": list(t.eval_steps),
               "text_weight_hash": text_hash, **seen}

@@ -2,6 +2,12 @@
 
 Everything here runs when Snakemake parses the workflow, before any job: a config that the schema
 or xfusion.config rejects stops the run with a message naming the dotted key.
+
+Where tables and figures go (one rule): each scale's are real outputs under its `results_dir` R,
+`R/tables/<experiment>.csv` (rule aggregate) and `R/figures/<experiment>.{png,pdf}` (rule plot);
+`results/<experiment>.csv` is a plain copy of the table of the config Snakemake runs with (rule
+publish), so `snakemake results/table1.csv` (tiny) and `snakemake --profile slurm
+results/table1.csv` (paper) both work, and the copy is remade whenever another scale is run.
 """
 
 import json
@@ -13,23 +19,22 @@ from pathlib import Path
 import jsonschema
 import yaml
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
-from xfusion.config import ConfigError, all_runs, apply_overrides
+from xfusion.config import ConfigError, all_runs, apply_overrides, config_schema
 from xfusion.config import experiments_from_dict, resolve_run
 from xfusion.io import atomic_write_text
 
 
 # ---- validation -------------------------------------------------------------------------------
 
-SCHEMA_PATH = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
+# The schema with the registries' enums (architectures, metrics, measures) from xfusion.config.
+SCHEMA = config_schema(Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
 
 
 def schema_messages(raw, prefix="config"):
     """Every schema violation of `raw` as `config.a.b = value: why` (empty when valid)."""
-    schema = yaml.safe_load(SCHEMA_PATH.read_text())
     messages = []
-    errors = jsonschema.Draft202012Validator(schema).iter_errors(raw)
+    errors = jsonschema.Draft202012Validator(SCHEMA).iter_errors(raw)
     for err in sorted(errors, key=lambda e: [str(p) for p in e.absolute_path]):
         key = ".".join([prefix, *map(str, err.absolute_path)])
         if err.validator == "required":
@@ -46,16 +51,12 @@ def schema_messages(raw, prefix="config"):
 
 def check_config(raw):
     """Validate the recipe, then every run (recipe + its overrides); stop with all problems."""
-    try:
-        validate(raw, str(SCHEMA_PATH), set_default=False)
-        messages = []
-    except WorkflowError:
-        messages = schema_messages(raw) or ["config: does not match the schema"]
+    messages = schema_messages(raw)
     if not messages:
         try:
-            runs = all_runs(raw)
+            runs = all_runs(raw)  # also checks each experiment (xfusion.config.Experiment)
         except ConfigError as err:
-            raise WorkflowError(f"Invalid config: {err}") from None
+            raise WorkflowError(f"Invalid config (stopped before any job): {err}") from None
         for exp_name, spec in raw["experiments"].items():
             for run in spec.get("runs") or {}:
                 resolved = apply_overrides(raw, runs[run])
@@ -121,33 +122,9 @@ def world_source():
     return config["data"]["source"] == "world"
 
 
-# Ground-truth attribute metrics (eval.geneval, eval.caption_attributes) read scene records, so
-# they exist where the world does; the paper-scale folder source has none (rules absent too).
-ATTRIBUTE_METRICS = ("t2i_attr_acc", "i2t_attr_recall") if world_source() else ()
+# The ground-truth attribute metrics' classifier (eval.geneval reads it): world scale only, as
+# those metrics read scene records (xfusion.config.METRICS, world_only).
 ATTRIBUTE_CLASSIFIER = f"{R}/attribute_classifier"  # not under R/judges: that is one rule's output
-
-# What each experiment reads: metric files of its runs at the last eval step ("final") or at
-# every eval step ("every"), the base LLM's MMLU, training logs (tokens seen), the linear probe,
-# the caption-metric comparison. An experiment not listed here reads by its kind.
-METRICS = ("fid", "clip", "itm") + ATTRIBUTE_METRICS
-MEASURES = {
-    "table1": {"final": METRICS + ("mmlu",), "base_mmlu": True},
-    "tableA": {"final": METRICS + ("mmlu",)},
-    "lr_ratio": {"final": METRICS + ("mmlu",), "base_mmlu": True},
-    "figure5": {"every": METRICS, "train_log": True},
-    "figure6": {"every": METRICS},
-    "figure8": {"every": METRICS},
-    "figureB": {"every": METRICS},
-    "figureD": {"final": ("probe",)},
-    "figureE": {"caption_metrics": True},
-}
-BY_KIND = {"table": MEASURES["table1"], "figure": MEASURES["figure6"]}
-
-
-def measures(exp):
-    return MEASURES.get(exp, BY_KIND[EXPERIMENTS[exp].kind])
-
-
 FIGURES = [e for e in EXPERIMENTS if EXPERIMENTS[e].kind == "figure"]
 
 
@@ -263,19 +240,27 @@ def bench(rule, pattern=""):
     return f"{R}/benchmarks/{rule}/{name}.tsv"
 
 
+def table_path(experiment):
+    return f"{R}/tables/{experiment}.csv"
+
+
+def figure_path(experiment, ext):
+    return f"{R}/figures/{experiment}.{ext}"
+
+
 def aggregate_inputs(wildcards):
-    """Named inputs of eval.aggregate for one experiment (see MEASURES)."""
-    exp = wildcards.experiment
-    need = measures(exp)
-    runs = list(EXPERIMENTS[exp].runs)
-    metrics = [metric_path(r, last_step(r), m) for r in runs for m in need.get("final", ())]
-    metrics += [metric_path(r, s, m) for r in runs for s in eval_steps(r) for m in need.get("every", ())]
-    inputs = {"metrics": metrics}
-    if need.get("base_mmlu"):
-        inputs["base"] = [base_mmlu(b) for b in sorted({base_of(r) for r in runs})]
-    if need.get("train_log"):
-        inputs["done"] = [done(r) for r in runs]
-    if need.get("caption_metrics"):
+    """Named inputs of eval.aggregate for one experiment, as its config entry declares them:
+    its metrics at each run's last eval step or at every one, the base LLMs' MMLU, the training
+    logs (tokens seen), the caption-metric comparison."""
+    exp = EXPERIMENTS[wildcards.experiment]
+    steps = {r: eval_steps(r) if exp.steps == "every" else [last_step(r)] for r in exp.runs}
+    inputs = {"metrics": [metric_path(r, s, m) for r in exp.runs for s in steps[r]
+                          for m in exp.metrics]}
+    if exp.base or exp.changes:
+        inputs["base"] = [base_mmlu(b) for b in sorted({base_of(r) for r in exp.runs})]
+    if exp.tokens_seen:
+        inputs["done"] = [done(r) for r in exp.runs]
+    if exp.measure == "captions":
         inputs["captions"] = [f"{R}/metrics/caption_metrics.json"]
     return inputs
 
@@ -296,6 +281,7 @@ def aggregate_flags(wildcards, input):
 
 
 def final_targets():
-    tables = [f"results/{e}.csv" for e in EXPERIMENTS]
-    figures = [f"results/figures/{e}.{ext}" for e in FIGURES for ext in ("png", "pdf")]
-    return tables + figures
+    """Every table and figure of the scale, and the copies results/<experiment>.csv."""
+    tables = [table_path(e) for e in EXPERIMENTS]
+    figures = [figure_path(e, ext) for e in FIGURES for ext in ("png", "pdf")]
+    return tables + figures + [f"results/{e}.csv" for e in EXPERIMENTS]

@@ -1,5 +1,7 @@
-# Metrics: one JSON per (run, step, metric) under R/metrics (docs/INTERFACES.md, "Metrics").
-# Aggregation asks for exactly the files each table/figure needs (common.smk, MEASURES).
+# Metrics: one JSON per (run, step, metric) under R/metrics (docs/INTERFACES.md, "Metrics"), named
+# by the metric (xfusion.config.METRICS: fid, clip, blip, mmlu, probe, t2i_attr_acc,
+# i2t_attr_recall); the rules keep their evaluator's name (clip_score, itm, linear_probe).
+# Aggregation asks for exactly the files each table/figure declares (config experiments).
 
 
 rule fid:
@@ -48,12 +50,13 @@ rule clip_score:
 
 
 rule itm:
-    """BLIP-2 image-text matching score of the step's I2T captions (the paper's BLIP column)."""
+    """BLIP-2 image-text matching score of the step's I2T captions: metric blip (the paper's
+    BLIP column)."""
     input:
         lambda wc: judges_input(evaluators(wc.run, "itm_model")),
         captions=f"{R}/samples/{{run}}/{{step}}/i2t.jsonl",
     output:
-        f"{R}/metrics/{{run}}/{{step}}/itm.json",
+        f"{R}/metrics/{{run}}/{{step}}/blip.json",
     params:
         py=PY,
         config=CONFIG,
@@ -163,7 +166,7 @@ rule caption_metrics:
 
 # Ground-truth attribute metrics: they read the prompts' / images' scene records, which only the
 # tiny world writes (data.source: world). At paper scale (folder source) these rules do not exist
-# and no table asks for their files (common.smk, METRICS).
+# and no table may ask for their files (xfusion.config.METRICS, world_only).
 if world_source():
 
     rule attribute_classifier:

@@ -1,21 +1,22 @@
-# Figures: drawn from an experiment's CSV, the paper's findings as subtitle / numbers beside ours.
+# Figures: drawn from an experiment's CSV, the paper's findings as subtitle / numbers beside ours,
+# under the scale's results_dir (R/figures/<experiment>.{png,pdf}).
 
 
 rule plot:
-    """Draw results/figures/<experiment>.png and .pdf with matplotlib."""
+    """Draw R/figures/<experiment>.png and .pdf with matplotlib."""
     wildcard_constraints:
         experiment=alternation(FIGURES),
     input:
-        table="results/{experiment}.csv",
+        table=table_path("{experiment}"),
         reference=REFERENCE,
     output:
         png=report(
-            "results/figures/{experiment}.png",
+            figure_path("{experiment}", "png"),
             caption="../report/figure.rst",
             category="Figures",
             labels={"figure": "{experiment}"},
         ),
-        pdf="results/figures/{experiment}.pdf",
+        pdf=figure_path("{experiment}", "pdf"),
     conda:
         CONDA_ENV
     params:

@@ -21,7 +21,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (LlamaDecoderLayer, eager_attention_forward,
                                                       rotate_half)
 
-from xfusion.config import ARCHITECTURES, ModelConfig
+from xfusion.config import VARIANTS, ModelConfig
 
 TXT, IMG = "txt", "img"
 
@@ -227,9 +227,8 @@ def vision_copy(text_layer: LlamaDecoderLayer, attention: bool = True) -> LlamaD
 
 class Block(nn.Module):
     """Base of the variants: holds the text layer by reference (it stays registered once, in the
-    LLM) and its index for the KV cache."""
-
-    trains_text = False  # the Llama weights themselves are trained (single_tower only)
+    LLM) and its index for the KV cache. What a variant trains and whether it preserves the text
+    path are facts of the registry, xfusion.config.VARIANTS."""
 
     def __init__(self, text_layer: LlamaDecoderLayer, index: int, cfg: ModelConfig):
         super().__init__()
@@ -240,15 +239,9 @@ class Block(nn.Module):
     def text(self) -> LlamaDecoderLayer:
         return self._text[0]
 
-    def preserves_text(self) -> bool:
-        """Text-only input gives exactly the base LLM's output, before and after training."""
-        return False
-
 
 class SingleTower(Block):
     """Fig. 4a: the Llama layer processes every token (Transfusion from a pretrained LLM)."""
-
-    trains_text = True
 
     def forward(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
         T = self.text
@@ -266,9 +259,6 @@ class GatedTower(Block):
         # parameters views them as bytes, which a 0-dim tensor cannot do.
         self.gamma = nn.Parameter(torch.zeros(1))
         self.gate_text = cfg.gate_text  # False: only image positions are gated
-
-    def preserves_text(self) -> bool:
-        return not self.gate_text
 
     def forward(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
         T, G = self.text, self.gate
@@ -292,9 +282,6 @@ class DualProjection(Block):
         self.shallow = cfg.shallow
         self.vision = vision_copy(text_layer, attention=not cfg.shallow)
 
-    def preserves_text(self) -> bool:
-        return True
-
     def forward(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
         T, V = self.text, self.vision
         A = T if self.shallow else V  # the image tokens' attention weights
@@ -315,9 +302,6 @@ class DualTower(Block):
     def __init__(self, text_layer: LlamaDecoderLayer, index: int, cfg: ModelConfig):
         super().__init__(text_layer, index, cfg)
         self.vision = vision_copy(text_layer)
-
-    def preserves_text(self) -> bool:
-        return True
 
     def towers(self):
         return ((TXT, self.text, "text"), (IMG, self.vision, "vision"))
@@ -342,9 +326,6 @@ class XFuse(DualTower):
         self.alpha = nn.Parameter(torch.ones(2))  # (text, image)
         self.beta = nn.Parameter(torch.zeros(2))
 
-    def preserves_text(self) -> bool:
-        return False  # alpha/beta of text tokens train: text outputs move (MMLU must be measured)
-
     def forward(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
         outs = {}
         for _, layer, tower in self.towers():
@@ -363,12 +344,5 @@ class XFuse(DualTower):
         return scatter(ctx, parts)
 
 
-# The registry: config.ARCHITECTURES names these, in the paper's order.
-BLOCKS: dict[str, type[Block]] = {
-    "single_tower": SingleTower,
-    "gated_tower": GatedTower,
-    "dual_projection": DualProjection,
-    "dual_tower": DualTower,
-    "x_fuse": XFuse,
-}
-assert tuple(BLOCKS) == ARCHITECTURES, "towers.BLOCKS and config.ARCHITECTURES must agree"
+# Architecture name -> block class, from the registry (xfusion.config.VARIANTS names the classes).
+BLOCKS: dict[str, type[Block]] = {name: globals()[v.block] for name, v in VARIANTS.items()}

@@ -23,7 +23,7 @@ from torch import nn
 from transformers import LlamaForCausalLM
 from transformers.masking_utils import create_causal_mask
 
-from xfusion.config import RunConfig, run_from_json
+from xfusion.config import VARIANTS, RunConfig, preserves_text, run_from_json
 from xfusion.io import atomic_dir
 from xfusion.model.base import load_base_llm, text_weight_hash
 from xfusion.model.image_io import ImageIO
@@ -59,7 +59,8 @@ class XFusionModel(nn.Module):
                              "rows: resize the base model's embeddings to the tokenizer")
         block = BLOCKS[cfg.model.architecture]
         self.llm = llm
-        llm.requires_grad_(block.trains_text)  # frozen text weights: requires_grad=False only
+        # frozen text weights: requires_grad=False only
+        llm.requires_grad_(VARIANTS[cfg.model.architecture].trains_text)
         # Each block wraps one Llama layer; vision copies are deepcopies of it (towers.vision_copy).
         self.blocks = nn.ModuleList(block(layer, i, cfg.model)
                                     for i, layer in enumerate(llm.model.layers))
@@ -92,7 +93,7 @@ class XFusionModel(nn.Module):
     @property
     def preserves_text(self) -> bool:
         """Text-only outputs equal the base LLM's at any point of training (MMLU can be reused)."""
-        return all(b.preserves_text() for b in self.blocks)
+        return preserves_text(self.cfg.model)
 
     def param_groups(self, lr: float) -> list[dict]:
         """Trainable parameters only: new image modules at lr; single_tower's pretrained Llama
