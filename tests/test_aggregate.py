@@ -101,8 +101,9 @@ def test_table1_has_base_row_four_architectures_and_paper_columns(tmp_path):
     assert row.loc["tiny_base", "paper_mmlu"] == pytest.approx(32.2)  # the LLaMA3.2-1B row
     assert row.loc["dual_tower", "paper_fid"] == pytest.approx(14.20)
     assert row.loc["single_tower", "paper_mmlu"] == pytest.approx(25.0)
-    # the last eval step's values: fid at step 400 for run index 3
-    assert row.loc["dual_tower", "fid"] == pytest.approx(30.0 - 3 - 4.0)
+    # the last eval step's values: fid at the last step for run index 3
+    last = resolve_run(load_yaml(CONFIG), "dual_tower").training.eval_steps[-1]
+    assert row.loc["dual_tower", "fid"] == pytest.approx(30.0 - 3 - last / 100)
     assert row.loc["single_tower", "clip"] == pytest.approx(20.0)  # run/step from the path
 
 
@@ -110,7 +111,8 @@ def test_attribute_metrics_get_percent_columns_where_measured(tmp_path):
     table = run_aggregate(tmp_path, "table1", attributes=True)
     row = table.set_index("variant")
     assert row.loc["dual_tower", "t2i_attr_acc"] == pytest.approx(100 * (0.5 + 0.3))
-    assert row.loc["dual_tower", "i2t_attr_recall"] == pytest.approx(100 * (0.4 + 0.4))
+    last = resolve_run(load_yaml(CONFIG), "dual_tower").training.eval_steps[-1]
+    assert row.loc["dual_tower", "i2t_attr_recall"] == pytest.approx(100 * (0.4 + last / 1000))
     assert pd.isna(row.loc["tiny_base", "t2i_attr_acc"])  # the base LLM makes no images
     frame = run_aggregate(tmp_path / "f5", "figure5", attributes=True)
     assert {"t2i_attr_acc", "i2t_attr_recall"} <= set(frame) and frame.t2i_attr_acc.notna().all()
@@ -144,7 +146,8 @@ def test_table_a_puts_our_final_model_below_published_rows_in_our_column_names(t
     assert xfusion.base_lm == "LLaMA-3.1 8B"
     ours = table[table.source == "ours"].iloc[0]
     assert ours.variant == "dual_tower" and ours.base_lm == "tiny_base"
-    assert ours.fid == pytest.approx(30.0 - 4.0) and ours.mmlu == pytest.approx(25.0)
+    last = resolve_run(load_yaml(CONFIG), "dual_tower").training.eval_steps[-1]
+    assert ours.fid == pytest.approx(30.0 - last / 100) and ours.mmlu == pytest.approx(25.0)
 
 
 def test_lr_ratio_reports_mmlu_change_against_base(tmp_path):
