@@ -174,11 +174,12 @@ def score(predicted: Sequence[dict], scenes: Sequence[dict], max_shapes: int) ->
 
     shape / colour / shape_colour: the primary object's, read at its cell; count: number of
     occupied cells; position: the set of occupied cells (the layout); objects: share of all
-    objects whose shape and colour are right at their cell. `chance`: a uniform guess over the
+    objects whose shape and colour are right at their cell; anywhere: the primary object's shape
+    and colour in some occupied cell (a right object drawn in a wrong place). `chance`: a uniform guess over the
     world's vocabulary (counts 1..max_shapes, layouts of that many cells); `majority`: the best
     constant guess on these scenes (the prior a blind classifier could reach)."""
     hits: dict[str, list[bool]] = {k: [] for k in ("shape", "colour", "shape_colour", "count",
-                                                   "position", "objects")}
+                                                   "position", "objects", "anywhere")}
     truth: dict[str, list] = {k: [] for k in ("shape", "colour", "shape_colour", "count",
                                               "position")}
     for pred, scene in zip(predicted, scenes, strict=True):
@@ -190,6 +191,8 @@ def score(predicted: Sequence[dict], scenes: Sequence[dict], max_shapes: int) ->
         hits["shape"].append(ok["shape"])
         hits["colour"].append(ok["colour"])
         hits["shape_colour"].append(ok["shape"] and ok["colour"])
+        hits["anywhere"].append(any(v is not None and all(v.get(a) == first[a] for a in ATTRIBUTES)
+                                    for v in pred.values()))
         hits["count"].append(sum(v is not None for v in pred.values()) == len(objs))
         hits["position"].append(sorted(c for c, v in pred.items() if v is not None) == layout)
         hits["objects"] += [(pred.get(o["position"]) or {}).get("shape") == o["shape"]
@@ -203,7 +206,8 @@ def score(predicted: Sequence[dict], scenes: Sequence[dict], max_shapes: int) ->
     chance = {"shape": 1 / len(SHAPES), "colour": 1 / len(COLOURS),
               "shape_colour": 1 / (len(SHAPES) * len(COLOURS)), "count": 1 / len(counts),
               "position": 1 / sum(math.comb(len(POSITIONS), n) for n in counts),
-              "objects": 1 / (len(SHAPES) * len(COLOURS))}
+              "objects": 1 / (len(SHAPES) * len(COLOURS)),
+              "anywhere": 1 / (len(SHAPES) * len(COLOURS))}
     majority = {k: Counter(v).most_common(1)[0][1] / len(v) for k, v in truth.items() if v}
     return {"accuracy": {k: sum(v) / len(v) if v else 0.0 for k, v in hits.items()},
             "chance": chance, "majority": majority, "n": len(scenes)}

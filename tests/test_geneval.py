@@ -102,6 +102,16 @@ def test_perfect_reading_scores_one_and_an_empty_one_zero():
     assert ac.score(empty, scenes, 3)["accuracy"]["shape_colour"] == 0.0
 
 
+def test_right_object_in_a_wrong_cell_counts_anywhere_only():
+    scene = {"objects": [{"shape": "cross", "colour": "red", "size": "large", "position": "top"}],
+             "relations": []}
+    cells = ac.world_vocab()["cells"]
+    moved = {c: None for c in cells} | {"left": {"shape": "cross", "colour": "red"}}
+    wrong = {c: None for c in cells} | {"left": {"shape": "cross", "colour": "blue"}}
+    acc = ac.score([moved, wrong], [scene, scene], 1)["accuracy"]
+    assert acc["shape_colour"] == 0.0 and acc["anywhere"] == 0.5
+
+
 def test_cell_targets_round_trip_through_predict_format():
     vocab = ac.world_vocab()
     scene = {"objects": [{"shape": "cross", "colour": "red", "size": "large", "position": "top"},
