@@ -99,7 +99,7 @@ def test_eval_metrics_land_in_the_runs_mlflow_history_at_the_evaluated_step(tabl
     client = MlflowClient(tracking_uri=f"sqlite:///{work / 'results' / 'tiny' / 'mlruns.db'}")
     run_dir = work / "results" / "tiny" / "runs" / "dual_tower"
     run_id = (run_dir / "mlflow_run_id.txt").read_text().strip()
-    for metric in ("fid", "clip_score", "blip_itm", "mmlu"):
+    for metric in ("fid", "clip", "blip", "mmlu"):
         history = client.get_metric_history(run_id, metric)
         assert [m.step for m in history] == [12], metric
     assert client.get_run(run_id).data.tags["scale"] == "tiny"
