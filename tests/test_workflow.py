@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from xfusion.config import ARCHITECTURES, all_runs, experiments_from_dict, load_yaml
+from xfusion.config import (ARCHITECTURES, all_runs, experiments_from_dict, load_yaml,
+                            resolve_run)
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
@@ -81,8 +82,9 @@ def test_each_run_trained_once_and_shared_runs_not_duplicated(tiny_plan):
 def test_metrics_at_each_eval_step_for_curves_and_last_step_for_tables(tiny_plan):
     fid_jobs = {re.search(r"wildcards: run=(\w+), step=(\d+)", b).groups()
                 for b in jobs(tiny_plan, "fid")}
-    assert ("ratio_50_50", "200") in fid_jobs and ("ratio_50_50", "400") in fid_jobs
-    assert ("gated_tower", "400") in fid_jobs and ("gated_tower", "200") not in fid_jobs
+    first, last = map(str, resolve_run(TINY, "ratio_50_50").training.eval_steps)
+    assert ("ratio_50_50", first) in fid_jobs and ("ratio_50_50", last) in fid_jobs
+    assert ("gated_tower", last) in fid_jobs and ("gated_tower", first) not in fid_jobs
     mmlu_jobs = {re.search(r"wildcards: run=(\w+), step=(\d+)", b).groups()
                  for b in jobs(tiny_plan, "mmlu")}
     tables = [e for e in experiments_from_dict(TINY).values() if e.kind == "table"]
