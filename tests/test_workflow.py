@@ -153,7 +153,8 @@ elif module in ("xfusion.tokenizer", "eval.judges", "eval.attribute_classifier")
 elif module == "xfusion.pretrain_lm":
     write(out / "base_model.json")
 elif module == "xfusion.train":
-    steps = [200, 400]
+    import yaml  # the recipe's eval steps (no run of these experiments overrides them)
+    steps = yaml.safe_load(Path(opt("--config")).read_text())["training"]["eval_steps"]
     for step in steps:
         (out / "steps" / str(step)).mkdir(parents=True, exist_ok=True)
     write(out / "train_log.jsonl", "".join(json.dumps(
@@ -272,8 +273,9 @@ def test_a_new_figure_of_an_existing_measure_is_config_only(executed, tmp_path):
     frame = pd.read_csv(work / "results" / "tiny" / "tables" / "blip_by_ratio.csv")
     assert list(frame.columns) == ["run", "step", "blip", "t2i_ratio", "t2i_tokens_seen",
                                    "i2t_tokens_seen"]
-    assert frame.blip.tolist() == [20.0] * 4  # the stand-in's value, at steps 200 and 400
-    assert frame.i2t_tokens_seen.tolist() == [1000, 2000, 1000, 2000]
+    first, last = resolve_run(TINY, "dual_tower").training.eval_steps
+    assert frame.blip.tolist() == [20.0] * 4  # the stand-in's value, at both eval steps
+    assert frame.i2t_tokens_seen.tolist() == [5 * first, 5 * last] * 2
     png = work / "results" / "tiny" / "figures" / "blip_by_ratio.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
