@@ -13,6 +13,7 @@ rule fid:
     params:
         py=PY,
         config=CONFIG,
+        recipe=lambda wc: recipe("fid", wc.run),
         generated=lambda wc, input: str(Path(input.samples).parent),
         cache=f"{R}/fid_ref",
         judges=lambda wc: judges_flag(evaluators(wc.run, "fid_extractor")),
@@ -36,6 +37,7 @@ rule clip_score:
     params:
         py=PY,
         config=CONFIG,
+        recipe=lambda wc: recipe("clip_score", wc.run),
         judges=lambda wc: judges_flag(evaluators(wc.run, "clip_model")),
     conda:
         CONDA_ENV
@@ -57,6 +59,7 @@ rule itm:
     params:
         py=PY,
         config=CONFIG,
+        recipe=lambda wc: recipe("itm", wc.run),
         judges=lambda wc: judges_flag(evaluators(wc.run, "itm_model")),
     conda:
         CONDA_ENV
@@ -78,6 +81,7 @@ rule mmlu_base:
     params:
         py=PY,
         config=CONFIG,
+        recipe=recipe("mmlu_base"),
         data=lambda wc: mmlu_data(),
     conda:
         CONDA_ENV
@@ -100,6 +104,7 @@ rule mmlu:
     params:
         py=PY,
         config=CONFIG,
+        recipe=lambda wc: recipe("mmlu", wc.run),
         model=model_dir,
         data=lambda wc: mmlu_data(),
     conda:
@@ -128,6 +133,7 @@ rule linear_probe:
     params:
         py=PY,
         config=CONFIG,
+        recipe=lambda wc: recipe("linear_probe", wc.run),
         model=model_dir,
     conda:
         CONDA_ENV
@@ -150,6 +156,7 @@ rule caption_metrics:
     params:
         py=PY,
         config=CONFIG,
+        recipe=recipe("caption_metrics"),
         judges=judges_flag(evaluators(None, "clip_model", "itm_model", "bertscore_model")),
     conda:
         CONDA_ENV
@@ -179,7 +186,7 @@ if world_source():
         params:
             py=PY,
             config=CONFIG,
-            recipe=recipe("evaluation", "data", "seed"),
+            recipe=recipe("attribute_classifier"),
         threads: 1
         conda:
             CONDA_ENV
@@ -202,6 +209,7 @@ if world_source():
         params:
             py=PY,
             config=CONFIG,
+            recipe=lambda wc: recipe("geneval", wc.run),
         threads: 1
         conda:
             CONDA_ENV
@@ -222,6 +230,7 @@ if world_source():
         params:
             py=PY,
             config=CONFIG,
+            recipe=lambda wc: recipe("caption_attributes", wc.run),
         threads: 1
         conda:
             CONDA_ENV

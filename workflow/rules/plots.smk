@@ -21,6 +21,7 @@ rule plot:
     params:
         py=PY,
         config=CONFIG,
+        recipe=experiment_params,
     log:
         log("plot", "{experiment}"),
     benchmark:
