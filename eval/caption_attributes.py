@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--captions", required=True, help='I2T samples ({"id", "caption"} per line)')
     p.add_argument("--scenes", required=True, help="R/world/heldout/scenes.jsonl")
     args = p.parse_args(argv)
-    load_config(args)  # a bad config or run name stops here, as in every metric
+    cfg = load_config(args)  # a bad config or run name stops here, as in every metric
     rows = read_jsonl(args.captions)
     if not rows:
         raise SystemExit(f"{args.captions}: empty; nothing to evaluate")
@@ -138,8 +138,9 @@ def main(argv: list[str] | None = None) -> dict:
                          f"{args.scenes} (first: {missing[0]})")
     result = score([r["caption"] for r in rows], [records[r["id"]] for r in rows])
     n = result.pop("n")
-    return write_metric(args.out, METRIC, result.pop("recall"), run=args.run, step=args.step,
-                        n=n, details=result)
+    return write_metric(args.out, METRIC, result.pop("recall"), cfg=cfg,
+                        job="caption_attributes", run=args.run, step=args.step, n=n,
+                        details=result)
 
 
 if __name__ == "__main__":

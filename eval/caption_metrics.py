@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
         table[kind] = {m: v.mean().item() for m, v in scores.items()}
         example[kind] = {"text": texts[0]} | {m: v[0].item() for m, v in scores.items()}
     gap = table["long_detailed_caption"]["blip"] - table["short_poor_caption"]["blip"]
-    return write_metric(args.out, "caption_metrics", gap, run=args.run, step=args.step,
+    return write_metric(args.out, "caption_metrics", gap, cfg=cfg, job="caption_metrics",
+                        run=args.run, step=args.step,
                         n=len(rows), details={"rows": table, "example": example,
                                               "bertscore_model": e.bertscore_model,
                                               "bertscore_layer": e.bertscore_layer,

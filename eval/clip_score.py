@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
     name = resolve_evaluator(cfg.evaluation.clip_model, args.judges)
     model, processor = load_clip(name)
     scores = clip_scores(model, processor, load_images(paths), prompts, args.batch_size)
-    return write_metric(args.out, "clip", scores.mean().item(), run=args.run, step=args.step,
+    return write_metric(args.out, "clip", scores.mean().item(), cfg=cfg, job="clip_score",
+                        run=args.run, step=args.step,
                         n=len(scores), details={"model": cfg.evaluation.clip_model,
                                                 "std": scores.std().item() if len(scores) > 1
                                                 else 0.0})

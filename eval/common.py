@@ -2,9 +2,13 @@
 evaluator loading.
 
 Every `python -m eval.<metric>` writes one JSON (docs/INTERFACES.md, "Metrics"):
-`{"metric", "value", "run", "step", "n", "details"}`, atomically. Evaluators are named in the
-config either by a pretrained path / hub id (paper scale) or by `judge_clip` / `judge_itm`, the
-tiny-scale stand-ins that `eval.judges` trains into `R/judges/{clip,itm}/`.
+`{"metric", "value", "run", "step", "n", "recipe", "details"}`, atomically; `recipe` holds the
+hashes of what the number depends on (xfusion.config.READS): `train`, the run's train recipe (null
+without a run), and `eval`, the config the evaluation and its sampling read.
+
+Evaluators are named in the config either by a pretrained path / hub id (paper scale) or by
+`judge_clip` / `judge_itm`, the tiny-scale stand-ins that `eval.judges` trains into
+`R/judges/{clip,itm}/`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from xfusion.config import METRICS, RunConfig, load_run
+from xfusion.config import METRICS, RunConfig, load_run, recipe_hash, train_recipe
 from xfusion.data import resolve_image
 from xfusion.io import atomic_write_json, read_jsonl
 from xfusion.tracking import log_metrics
@@ -42,16 +46,23 @@ def load_config(args: argparse.Namespace) -> RunConfig:
     return load_run(args.config, args.run)
 
 
-def write_metric(out: str | Path, metric: str, value: float, *, run: str | None,
-                 step: int | None, n: int, details: dict[str, Any] | None = None) -> dict:
-    """Write the metric JSON of docs/INTERFACES.md atomically and return it; a metric of a
-    trained run's step is also logged to that run in MLflow, at that step, so the dashboard
-    draws the paper's curves. Its name there is the one of xfusion.config.METRICS."""
+def metric_recipe(cfg: RunConfig, job: str, run: str | None) -> dict[str, str | None]:
+    """The recipe hashes a metric of `job` (its Snakemake rule) carries."""
+    return {"train": train_recipe(cfg) if run is not None else None,
+            "eval": recipe_hash(cfg, job)}
+
+
+def write_metric(out: str | Path, metric: str, value: float, *, cfg: RunConfig, job: str,
+                 run: str | None, step: int | None, n: int,
+                 details: dict[str, Any] | None = None) -> dict:
+    """Write the metric JSON of docs/INTERFACES.md atomically and return it; `cfg` (the run's
+    config) and `job` give its recipe hashes. A metric of a trained run's step is also logged to
+    that run in MLflow, at that step, so the dashboard draws the paper's curves."""
     if run is not None and step is not None and metric not in METRICS:
         raise ValueError(f"metric {metric!r} of run {run} step {step}: not a name of "
                          f"xfusion.config.METRICS ({', '.join(METRICS)})")
     record = {"metric": metric, "value": float(value), "run": run, "step": step, "n": int(n),
-              "details": details or {}}
+              "recipe": metric_recipe(cfg, job, run), "details": details or {}}
     atomic_write_json(out, record)
     if run is not None and step is not None:
         # INTERFACES.md layout: R/metrics/RUN/STEP/<metric>.json beside R/runs/RUN.

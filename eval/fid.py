@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
         extractor, weights = e.fid_extractor, e.fid_weights
     value = compute_fid(args.generated, args.reference, extractor, weights, args.cache,
                         args.batch_size)
-    return write_metric(args.out, "fid", value, run=args.run, step=args.step,
-                        n=len(image_files(args.generated)),
+    return write_metric(args.out, "fid", value, cfg=cfg, job="fid", run=args.run,
+                        step=args.step, n=len(image_files(args.generated)),
                         details={"extractor": e.fid_extractor, "weights": weights,
                                  "n_reference": len(image_files(args.reference))})
 

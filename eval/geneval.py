@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
                    [records[s["id"]]["scene"] for s in samples], cfg.data.max_shapes)
     quality = Path(args.classifier) / "quality.json"
     classifier = json.loads(quality.read_text())["accuracy"] if quality.exists() else None
-    return write_metric(args.out, METRIC, result["accuracy"]["shape_colour"], run=args.run,
-                        step=args.step, n=result["n"],
+    return write_metric(args.out, METRIC, result["accuracy"]["shape_colour"], cfg=cfg,
+                        job="geneval", run=args.run, step=args.step, n=result["n"],
                         details={"accuracy": result["accuracy"], "chance": result["chance"],
                                  "majority": result["majority"], "classifier": classifier})
 

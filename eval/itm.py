@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
         probs = itm_match_probs(model, processor, load_images(paths), captions, args.batch_size)
         model_name = e.itm_model
     scores = 100.0 * probs
-    return write_metric(args.out, "blip", scores.mean().item(), run=args.run, step=args.step,
+    return write_metric(args.out, "blip", scores.mean().item(), cfg=cfg, job="itm",
+                        run=args.run, step=args.step,
                         n=len(scores), details={"backend": e.itm_backend, "model": model_name,
                                                 "std": scores.std().item() if len(scores) > 1
                                                 else 0.0})

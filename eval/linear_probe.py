@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
                     seed=cfg.seed)
     primary = PRIMARY_TASK if PRIMARY_TASK in per_task else tasks[0]
     value = max(per_task[primary]["understanding"].values())
-    return write_metric(args.out, "probe", value, run=args.run, step=args.step,
+    return write_metric(args.out, "probe", value, cfg=cfg, job="linear_probe",
+                        run=args.run, step=args.step,
                         n=len(data["heldout"][2]),
                         details={"task": primary, "per_layer": per_task[primary],
                                  "per_task": per_task, "n_train": len(data["train"][2]),

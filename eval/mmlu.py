@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 
 from eval.common import device, load_config, metric_parser, write_metric
+from xfusion.config import recipe_hash
 from xfusion.mmlu import causal_lm_loglik, evaluate_mmlu, load_mmlu
 
 
@@ -64,14 +65,17 @@ def main(argv: list[str] | None = None) -> dict:
                          "evaluation.mmlu_path")
     base_json = Path(args.model) / "base_model.json" if args.model else Path(args.base_lm)
     text_hash = json.loads(base_json.read_text())["text_weight_hash"]
-    common = dict(run=args.run, step=args.step)
+    # The base LLM's score (--base-lm) and a run's (--model) read the same settings.
+    job = "mmlu" if args.model else "mmlu_base"
+    common = dict(cfg=cfg, job=job, run=args.run, step=args.step)
     if args.model:
         model, tokenizer = load_xfusion(args.model)
         # The model itself says whether its text-only logits are the base's (frozen text
         # weights, no gate on text positions); the hash says which base model that is.
         if args.base_result and Path(args.base_result).exists() and model.preserves_text:
             base = json.loads(Path(args.base_result).read_text())
-            if base["details"].get("text_weight_hash") == text_hash:
+            same_settings = base.get("recipe", {}).get("eval") == recipe_hash(cfg, job)
+            if base["details"].get("text_weight_hash") == text_hash and same_settings:
                 reused = base["details"] | {"reused_from": str(args.base_result)}
                 return write_metric(args.out, "mmlu", base["value"], n=base["n"], **common,
                                     details=reused)

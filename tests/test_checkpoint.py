@@ -8,7 +8,7 @@ import torch
 
 from xfusion import checkpoint
 
-META = {"variant": "dual_tower", "base_model_hash": "abc"}
+META = {"variant": "dual_tower", "base_model_hash": "abc", "recipe": "0123456789abcdef"}
 
 
 def _model() -> torch.nn.Module:
@@ -61,10 +61,13 @@ def test_latest_ignores_incomplete_temp_dirs_and_prunes_to_keep_last(tmp_path):
     _save(tmp_path, 4)
     assert not (tmp_path / ".step_9.shards").exists()
     assert [s for s, _ in checkpoint.step_dirs(tmp_path)] == [3, 4]
+    assert checkpoint.latest(tmp_path, before=4).name == "step_3"  # resume before a step dir
+    assert checkpoint.latest(tmp_path, before=3) is None
 
 
-@pytest.mark.parametrize("key,value", [("variant", "single_tower"), ("base_model_hash", "zzz")])
-def test_load_refuses_other_variant_or_base_model(tmp_path, key, value):
+@pytest.mark.parametrize("key,value", [("variant", "single_tower"), ("base_model_hash", "zzz"),
+                                       ("recipe", "fedcba9876543210")])
+def test_load_refuses_other_variant_base_model_or_recipe(tmp_path, key, value):
     path = _save(tmp_path, 1)
     with pytest.raises(checkpoint.CheckpointMismatch, match=f"{key} = .*this run has '{value}'"):
         checkpoint.load(path, {**META, key: value})

@@ -54,6 +54,6 @@ def test_cli_reads_a_t2i_index_and_writes_the_metric_json(tmp_path):
                      "--judges", str(root / "judges"), "--run", "dual_tower", "--step", "200",
                      "--out", str(out)])
     record = json.loads(out.read_text())
-    assert set(record) == {"metric", "value", "run", "step", "n", "details"}
+    assert set(record) == {"metric", "value", "run", "step", "n", "recipe", "details"}
     assert record["metric"] == "clip" and record["n"] == 6 and 0 < record["value"] <= 100
     assert record["details"]["model"] == "judge_clip"

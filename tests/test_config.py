@@ -7,13 +7,18 @@ import yaml
 
 from xfusion.config import (
     ARCHITECTURES,
+    COSMETIC,
+    READS,
     ConfigError,
     all_runs,
     apply_overrides,
+    job_config,
     load_yaml,
+    recipe_hash,
     resolve_run,
     run_from_dict,
     run_from_json,
+    train_recipe,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,3 +125,50 @@ def test_a_run_name_with_two_meanings_is_refused():
     raw["experiments"]["figure8"]["runs"]["dual_tower"] = {"model.architecture": "gated_tower"}
     with pytest.raises(ConfigError, match="dual_tower"):
         all_runs(raw)
+
+
+# ---- recipe hashes ---------------------------------------------------------------------------
+
+def _tiny(overrides: dict, run: str = "dual_tower"):
+    return resolve_run(apply_overrides(TINY, overrides), run)
+
+
+def _changed(overrides: dict, run: str = "dual_tower") -> set[str]:
+    """The jobs whose recipe hash `overrides` of the tiny recipe change."""
+    before, after = resolve_run(TINY, run), _tiny(overrides, run)
+    return {job for job in READS if recipe_hash(before, job) != recipe_hash(after, job)}
+
+
+def test_train_recipe_is_stable_and_leaves_out_cosmetic_keys():
+    cfg = resolve_run(TINY, "dual_tower")
+    assert train_recipe(cfg) == train_recipe(resolve_run(load_yaml(ROOT / "config" / "tiny.yaml"),
+                                                         "dual_tower"))
+    assert train_recipe(cfg) == train_recipe(run_from_json(cfg.to_json()))  # a step dir's config
+    cosmetic = {"training.log_every": 7, "training.checkpoint_every": 33, "training.keep_last": 5,
+                "training.eval_steps": [100, 400], "training.activation_checkpointing": True}
+    assert set(cosmetic) == set(COSMETIC)
+    assert _changed(cosmetic) == set()
+    for key, value in {"training.t2i_ratio": 0.5, "training.seed": 1, "training.lr": 1e-4,
+                       "model.architecture": "x_fuse", "data.n_train": 10}.items():
+        assert "train_run" in _changed({key: value}), key
+    assert not any(k.startswith("evaluation.") for k in job_config(cfg, "train_run"))
+
+
+def test_each_evaluation_hash_changes_with_exactly_what_it_reads():
+    assert _changed({"evaluation.cfg_scale": 3.0}) == {"sample_t2i", "fid", "clip_score",
+                                                       "geneval"}
+    assert _changed({"evaluation.top_p": 0.9}) == {"sample_i2t", "itm", "caption_attributes"}
+    assert _changed({"evaluation.probe_epochs": 3}) == {"linear_probe"}
+    assert _changed({"evaluation.mmlu_shots": 3}) == {"mmlu", "mmlu_base"}
+    assert _changed({"evaluation.fid_extractor": "inception-v3-compat"}) == {"fid"}
+    # the judges' recipe reaches every job that loads a judge, and no other
+    assert _changed({"evaluation.judge_width": 32}) == {"judges", "fid", "clip_score", "itm",
+                                                        "caption_metrics"}
+    hub = {"evaluation.itm_model": "Salesforce/blip2-itm-vit-g"}  # a pretrained ITM model
+    assert recipe_hash(_tiny(hub), "itm") == recipe_hash(
+        _tiny({**hub, "evaluation.judge_width": 32}), "itm")
+
+
+def test_repa_with_the_clip_judge_makes_the_judges_part_of_the_train_recipe():
+    assert "train_run" in _changed({"evaluation.judge_width": 32}, run="size_m_align_on")
+    assert "train_run" not in _changed({"evaluation.judge_width": 32}, run="size_m_align_off")

@@ -12,6 +12,7 @@ from PIL import Image
 from eval import fid
 from eval.judges import build_clip, build_tokenizer
 from test_judges import toy_config, toy_world
+from xfusion.config import load_run, recipe_hash, train_recipe
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,8 @@ def test_cli_writes_the_metric_json(folders):
               str(ref), "--cache", str(root / "cache_cli"), "--judges", str(root / "judges"),
               "--run", "dual_tower", "--step", "400", "--out", str(out)])
     record = json.loads(out.read_text())
-    assert set(record) == {"metric", "value", "run", "step", "n", "details"}
+    assert set(record) == {"metric", "value", "run", "step", "n", "recipe", "details"}
     assert record["metric"] == "fid" and record["n"] == 48 and record["value"] > 0
     assert record["run"] == "dual_tower" and record["step"] == 400
+    cfg = load_run(cfg_path, "dual_tower")  # the model's recipe and the samples' + FID's settings
+    assert record["recipe"] == {"train": train_recipe(cfg), "eval": recipe_hash(cfg, "fid")}

@@ -66,7 +66,7 @@ def test_heldout_real_images_score_near_one(trained, tmp_path):
              for i, r in enumerate(rows)]
     record = run_geneval(root, config, index, tmp_path / "t2i_attr_acc.json")
     assert json.loads((tmp_path / "t2i_attr_acc.json").read_text()) == record
-    assert set(record) == {"metric", "value", "run", "step", "n", "details"}
+    assert set(record) == {"metric", "value", "run", "step", "n", "recipe", "details"}
     assert record["metric"] == "t2i_attr_acc" and record["n"] == 200
     assert record["value"] >= 0.9
     acc = record["details"]["accuracy"]

@@ -48,7 +48,7 @@ def test_cli_reads_i2t_captions_and_writes_the_metric_json(tmp_path):
     itm.main(["--config", str(config), "--captions", str(root / "samples" / "i2t.jsonl"),
               "--judges", str(root / "judges"), "--out", str(out)])
     record = json.loads(out.read_text())
-    assert set(record) == {"metric", "value", "run", "step", "n", "details"}
+    assert set(record) == {"metric", "value", "run", "step", "n", "recipe", "details"}
     assert record["metric"] == "blip" and record["n"] == 5 and 0 <= record["value"] <= 100
     assert record["details"]["backend"] == "transformers"
 

@@ -22,7 +22,7 @@ from conftest import LAUNCHER_VARIABLES
 from xfusion import checkpoint, train
 from xfusion.caption import caption_file
 from xfusion.codec import build_codec
-from xfusion.config import apply_overrides, load_run, load_yaml
+from xfusion.config import apply_overrides, experiments_using, load_run, load_yaml, train_recipe
 from xfusion.data import resolve_image
 from xfusion.data.mixing import MixedStream, read_captions
 from xfusion.data.world import write_split
@@ -183,6 +183,15 @@ def test_dual_tower_loss_decreases_and_text_weights_stay_identical(world, tmp_pa
     assert run.info.run_id == (out / "mlflow_run_id.txt").read_text().strip()
     assert run.data.params["model.architecture"] == "dual_tower"
     assert len(client.get_metric_history(run.info.run_id, "loss")) == STEPS
+    # It lives in one experiment, but every experiment declaring dual_tower finds it by tag.
+    raw = load_yaml(world["config"])
+    users = experiments_using(raw, "dual_tower")
+    assert len(users) > 1 and run.data.tags["xfusion.experiments"] == ",".join(users)
+    everywhere = [e.experiment_id for e in client.search_experiments()]
+    for name in users:
+        found = client.search_runs(everywhere, f"tags.`xfusion.experiment.{name}` = '1'")
+        assert [r.info.run_id for r in found] == [run.info.run_id], name
+    assert run.data.tags["xfusion.recipe"] == done["recipe"]
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(world, tmp_path,
@@ -258,3 +267,56 @@ def test_repa_targets_come_from_the_clip_judge_once_per_image(world, tmp_path, m
     with pytest.raises(SystemExit, match=r"feature_dim = \d+, but .* width 16: set it to 16"):
         train.repa_targets(wrong, judges, world["captions"], ids, (8, 8),
                            out / "repa_targets.safetensors")
+
+
+def _files(root: Path) -> dict[Path, bytes]:
+    return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_resume_after_a_recipe_change_sets_the_old_run_aside_and_trains_afresh(world, tmp_path):
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    out = tmp_path / "R" / "runs" / "dual_tower"
+    train.train(train.parse_args(_argv(world, out)))
+    old = train_recipe(load_run(world["config"], "dual_tower"))
+    assert json.loads((out / "done.json").read_text())["recipe"] == old
+    assert json.loads((out / "steps" / "6" / "recipe.json").read_text())["recipe"] == old
+    for _, ckpt in checkpoint.step_dirs(out / "checkpoints"):
+        assert json.loads((ckpt / "meta.json").read_text())["recipe"] == old
+    old_id = (out / "mlflow_run_id.txt").read_text().strip()
+    # The train rule's params changed: Snakemake deletes its output, done.json, and reruns it
+    # on the checkpoints of the old recipe.
+    (out / "done.json").unlink()
+    before = _files(out)
+
+    changed = tmp_path / "changed.yaml"
+    raw = apply_overrides(load_yaml(world["config"]), {"training.t2i_ratio": 0.5})
+    changed.write_text(yaml.safe_dump(raw, sort_keys=False))
+    done = train.train(train.parse_args(_argv({**world, "config": changed}, out)))
+    new = train_recipe(load_run(changed, "dual_tower"))
+    assert new != old and done["recipe"] == new
+
+    # The old run's files, intact, under superseded/<old hash>/; nothing deleted.
+    assert _files(out / "superseded" / old) == before
+    assert sorted(p.name for p in (out / "superseded").iterdir()) == [old]
+    # The new recipe trained from step 0, with its own files.
+    assert [r["step"] for r in read_jsonl(out / "train_log.jsonl")] == list(range(1, STEPS + 1))
+    assert json.loads((out / "recipe.json").read_text())["recipe"] == new
+    assert json.loads((out / "steps" / "6" / "recipe.json").read_text())["recipe"] == new
+    assert (out / "steps" / "6" / "trainable.safetensors").read_bytes() != before[
+        Path("steps/6/trainable.safetensors")]
+
+    # MLflow: a new run for the new recipe; the old one kept and tagged superseded.
+    client = MlflowClient(tracking_uri(out))
+    new_id = (out / "mlflow_run_id.txt").read_text().strip()
+    assert new_id != old_id
+    old_run, new_run = client.get_run(old_id), client.get_run(new_id)
+    assert old_run.data.tags["xfusion.recipe"] == old and new_run.data.tags["xfusion.recipe"] == new
+    assert old_run.data.tags["xfusion.superseded"] == "1"
+    assert old_run.data.tags["xfusion.superseded_by"] == new
+    assert old_run.data.tags["xfusion.superseded_to"] == str(out / "superseded" / old)
+    assert "xfusion.superseded" not in new_run.data.tags
+    assert [m.step for m in client.get_metric_history(new_id, "loss")] == list(range(1, STEPS + 1))
+
+    # The same recipe again: already trained, nothing moved.
+    train.train(train.parse_args(_argv({**world, "config": changed}, out)))
+    assert sorted(p.name for p in (out / "superseded").iterdir()) == [old]

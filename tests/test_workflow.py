@@ -1,5 +1,6 @@
 """The DAG as Snakemake plans it (dry runs only; the entry points are not run here)."""
 
+import copy
 import json
 import os
 import re
@@ -12,8 +13,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from xfusion.config import (ARCHITECTURES, all_runs, experiments_from_dict, load_yaml,
-                            resolve_run)
+from xfusion.config import ARCHITECTURES, all_runs, apply_overrides, experiments_from_dict
+from xfusion.config import load_yaml, resolve_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
@@ -295,3 +296,84 @@ def test_results_copy_follows_the_scale_run(executed, tmp_path):
     back = jobs(run(targets=["results/figureE.csv"]), "publish")
     assert len(back) == 1 and "input: results/tiny/tables/figureE.csv" in back[0]
     assert copy.read_bytes() == (work / "results" / "tiny" / "tables" / "figureE.csv").read_bytes()
+
+
+# ---- reruns after a config change: exactly the jobs that read the changed keys -----------------
+
+PROBE = "results/tiny/figures/figureD.png"  # Supp. Fig. D: the linear probe of dual_tower and noise_50
+
+
+@pytest.fixture(scope="module")
+def executed_with_probe(executed):
+    """`executed` with Supp. Fig. D run to completion too; `plan(raw, *args)` dry-runs the
+    finished DAG under the config `raw` and returns ({rule: {wildcards of each job}}, output)."""
+    work, run = executed
+    run(PROBE)
+
+    def plan(raw, *args):
+        path = work / "changed.yaml"
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        out = run(PROBE, "-n", "--configfile", str(path), *args)
+        return planned(out), out
+
+    return plan
+
+
+def planned(output: str) -> dict[str, set[str]]:
+    """{rule: {the wildcards of each of its jobs}} of a dry run's job list."""
+    if "Nothing to be done" in output:
+        return {}
+    return {rule: {m.group(1) if (m := re.search(r"wildcards: (.*)", block)) else ""
+                   for block in jobs(output, rule)} for rule in job_counts(output)}
+
+
+def changed(dotted: str, value, run: str | None = None) -> dict:
+    """tiny.yaml with `dotted` set in the recipe, or in the overrides of `run` wherever an
+    experiment declares it (a run means the same overrides everywhere)."""
+    raw = copy.deepcopy(TINY)
+    if run is None:
+        return apply_overrides(raw, {dotted: value})
+    for spec in raw["experiments"].values():
+        if run in (spec.get("runs") or {}):
+            spec["runs"][run] = {**(spec["runs"][run] or {}), dotted: value}
+    return raw
+
+
+def test_complete_run_is_up_to_date_under_an_unchanged_or_cosmetic_config(executed_with_probe):
+    assert executed_with_probe(TINY)[0] == {}
+    # how often the loss is logged changes no weight: no job reruns
+    assert executed_with_probe(changed("training.log_every", 7))[0] == {}
+
+
+def test_changing_one_runs_t2i_ratio_reruns_that_run_and_its_figure_only(executed_with_probe):
+    plan, out = executed_with_probe(changed("training.t2i_ratio", 0.4, run="ratio_50_50"))
+    steps = sorted(resolve_run(TINY, "ratio_50_50").training.eval_steps)
+    assert len(steps) == 2  # figure5 measures every eval step
+    evaluated = {f"run=ratio_50_50, step={s}" for s in steps}
+    assert plan == {"train_run": {"run=ratio_50_50"},
+                    **{rule: evaluated for rule in ("sample_t2i", "sample_i2t", "fid", "clip_score",
+                                                    "itm", "geneval", "caption_attributes")},
+                    "aggregate": {"experiment=figure5"}, "plot": {"experiment=figure5"}}
+    train = jobs(out, "train_run")[0]
+    assert "reason: Params have changed since last execution" in train
+
+
+def test_changing_probe_epochs_reruns_only_probe_jobs_and_their_figure(executed_with_probe):
+    plan, _ = executed_with_probe(changed("evaluation.probe_epochs", 3))
+    probed = {f"run={run}, step={max(resolve_run(TINY, run).training.eval_steps)}"
+              for run in ("dual_tower", "noise_50")}  # figureD reads the last step only
+    assert plan == {"linear_probe": probed,
+                    "aggregate": {"experiment=figureD"}, "plot": {"experiment=figureD"}}
+
+
+def test_changing_cfg_scale_reruns_t2i_sampling_and_its_metrics_not_captioning(
+        executed_with_probe):
+    everything, _ = executed_with_probe(TINY, "-F")
+    plan, _ = executed_with_probe(changed("evaluation.cfg_scale", 3.0))
+    t2i = ("sample_t2i", "fid", "clip_score", "geneval")
+    assert plan == {**{rule: everything[rule] for rule in t2i},
+                    # the tables and figures that show a T2I metric; not figureD (the probe) nor
+                    # figureE (captions of the data)
+                    "aggregate": {"experiment=table1", "experiment=figure5"},
+                    "plot": {"experiment=figure5"}}
+    assert len(everything["sample_t2i"]) > len(everything["train_run"])  # every evaluated step

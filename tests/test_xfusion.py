@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from xfusion.config import ARCHITECTURES, ConfigError
+from xfusion.config import ARCHITECTURES, ConfigError, train_recipe
 from xfusion.model.sequence import IGNORE, SpecialIds, build_batch
 from xfusion.model.xfusion import CheckpointError, XFusionModel
 
@@ -150,7 +150,9 @@ def test_save_then_load_restores_the_same_outputs(arch, tiny_xfusion, mixed_samp
     model = trained(tiny_xfusion(arch), mixed_samples)
     model.save(tmp_path / "m")
     assert {p.name for p in (tmp_path / "m").iterdir()} == {
-        "config.json", "trainable.safetensors", "base_model.json"}
+        "config.json", "recipe.json", "trainable.safetensors", "base_model.json"}
+    recipe = json.loads((tmp_path / "m" / "recipe.json").read_text())
+    assert recipe["recipe"] == train_recipe(model.cfg)
     ref = json.loads((tmp_path / "m" / "base_model.json").read_text())
     assert ref["text_weight_hash"] == model.base_ref["text_weight_hash"]
     fresh = tiny_xfusion(arch)  # the same base weights (same seed)

@@ -10,8 +10,9 @@ A checkpoint directory holds
   on every rank; rank 0 writes them);
 - `rank<r>.pt`: per rank, our RNG states (python, numpy, torch, cuda) and the data position.
   Tensors and primitives only, so it loads with `torch.load(weights_only=True)`;
-- `meta.json`: variant, base-model hash, step, world size. A checkpoint of another variant or base
-  model is refused: resuming it would silently train a different experiment.
+- `meta.json`: variant, base-model hash, train recipe hash (xfusion.config.train_recipe), step,
+  world size. A checkpoint of another variant, base model or recipe is refused: resuming it would
+  silently train a different experiment (xfusion.train moves another recipe's files aside first).
 
 Writes are atomic (`xfusion.io.atomic_dir`): every rank writes into a shared `.step_<N>.shards/`
 directory (a shared filesystem under SLURM), then rank 0 assembles the final directory in a temp
@@ -39,7 +40,7 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 class CheckpointMismatch(RuntimeError):
-    """The checkpoint belongs to another variant or base model."""
+    """The checkpoint belongs to another variant, base model or recipe."""
 
 
 @dataclass
@@ -120,10 +121,10 @@ def step_dirs(root: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under `root`, or None."""
-    dirs = step_dirs(root)
-    return dirs[-1][1] if dirs else None
+def latest(root: str | Path, before: int | None = None) -> Path | None:
+    """The newest complete checkpoint under `root` (of a step below `before`, if given), or None."""
+    dirs = [d for step, d in step_dirs(root) if before is None or step < before]
+    return dirs[-1] if dirs else None
 
 
 def save(root: str | Path, step: int, *, model: torch.nn.Module,
@@ -163,12 +164,12 @@ def _prune(root: Path, keep_last: int) -> None:
 
 
 def check_meta(meta: dict[str, Any], expected: dict[str, Any], path: Path) -> None:
-    """Refuse a checkpoint whose identity (variant, base-model hash, …) is not this run's."""
+    """Refuse a checkpoint whose identity (variant, base-model hash, recipe, …) is not this run's."""
     for key, value in expected.items():
         if meta.get(key) != value:
             raise CheckpointMismatch(
                 f"{path}: checkpoint has {key} = {meta.get(key)!r}, this run has {value!r}. "
-                f"It belongs to another run: delete {path.parent} or pass another --out")
+                f"It belongs to another run: move {path.parent} aside or pass another --out")
 
 
 def load(path: str | Path, expected: dict[str, Any]) -> Checkpoint:

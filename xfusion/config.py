@@ -8,6 +8,10 @@ Validation happens twice on purpose: the JSON schema (workflow/schemas/config.sc
 Snakemake before any job with a message naming the key; `from_dict` repeats the value checks so
 that every `python -m` entry point used on its own fails just as clearly.
 
+Provenance: `READS` says which config keys each job of the DAG reads; `recipe_hash(run, job)`
+hashes those values. The train recipe (`train_recipe`) is written into checkpoints, step dirs,
+done.json, metric JSONs and the MLflow run; the rules take each job's hash as a params value.
+
 References: torchtitan's config manager (typed, resolved once); DiT's model registry.
 """
 
@@ -15,10 +19,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -582,3 +588,144 @@ def run_from_json(text: str) -> RunConfig:
     raw = json.loads(text)
     name = raw.pop("name")
     return run_from_dict(raw, name=name)
+
+
+# --- recipes: what each job of the DAG reads, and a stable hash of it ---------------------------
+#
+# One table for two uses: the recipe hash written into every output (checkpoints, step model
+# dirs, done.json, metric JSONs, the MLflow run) and the Snakemake params value of each rule
+# (workflow/rules/common.smk, `recipe`), whose change reruns exactly the jobs that read it.
+
+JUDGE_NAMES = ("judge_clip", "judge_itm")  # evaluators that eval.judges trains (tiny scale)
+
+# Keys that change no trained weight at any step, left out of every hash.
+COSMETIC = (
+    "training.log_every",  # how often the loss is logged
+    # Resume is bitwise exact (tests/test_train.py), so where checkpoints fall changes nothing.
+    "training.checkpoint_every",
+    "training.keep_last",
+    # Which step dirs are kept, not the weights at a step; the train rule reruns on it through
+    # a params value of its own, and a resume that would skip a missing step dir starts earlier.
+    "training.eval_steps",
+    "training.activation_checkpointing",  # recompute in backward: bitwise the same gradients
+)
+
+
+@dataclass(frozen=True)
+class Reads:
+    """What one job reads from the config.
+
+    keys: dotted keys or patterns (`evaluation.probe_*`); a section name means all of it.
+    after: evaluation jobs upstream whose reads this job's results carry too (a metric of T2I
+        samples depends on how they were drawn); the trained model has its own hash.
+    evaluators: the evaluator names the job loads; a judge name brings the judges' reads in.
+    """
+
+    keys: tuple[str, ...]
+    after: tuple[str, ...] = ()
+    evaluators: Callable[[RunConfig], tuple[str, ...]] = lambda cfg: ()
+
+
+# Engine settings the base LLM's pretraining takes from `training` (xfusion.pretrain_lm).
+_PRETRAIN_ENGINE = ("training.seed", "training.betas", "training.eps", "training.weight_decay",
+                    "training.grad_clip", "training.precision", "training.zero_stage")
+# Both samplers draw the first n_samples held-out items in batches, seeded by the run's `seed`.
+_SAMPLING = ("seed", "evaluation.n_samples", "evaluation.sample_batch_size")
+_MMLU = ("evaluation.mmlu_path", "evaluation.mmlu_shots")
+
+# Job name (the Snakemake rule) -> what it reads (from its entry point's code).
+READS = {
+    "world": Reads(("data", "seed")),
+    "folder": Reads(("data", "seed")),
+    "caption": Reads(("data",)),
+    "tokenizer": Reads(("data",)),
+    "latents": Reads(("data", "model.codec")),
+    "base_lm": Reads(("model.base_lm", "data", *_PRETRAIN_ENGINE)),
+    "judges": Reads(("seed", "data", "evaluation.judge_*")),
+    "attribute_classifier": Reads(("seed", "data", "evaluation.attr_*")),
+    "train_run": Reads(("model", "data", "training"), evaluators=lambda c: (
+        (c.model.repa.encoder,) if c.model.repa.enabled else ())),
+    "sample_t2i": Reads((*_SAMPLING, "evaluation.sample_steps", "evaluation.cfg_scale",
+                         "evaluation.sample_shift")),
+    "sample_i2t": Reads((*_SAMPLING, "evaluation.caption_max_tokens", "evaluation.top_p")),
+    "fid": Reads(("evaluation.fid_extractor", "evaluation.fid_weights"), after=("sample_t2i",),
+                 evaluators=lambda c: (c.evaluation.fid_extractor,)),
+    "clip_score": Reads(("evaluation.clip_model",), after=("sample_t2i",),
+                        evaluators=lambda c: (c.evaluation.clip_model,)),
+    "geneval": Reads(("data.image_size", "data.max_shapes"),
+                     after=("sample_t2i", "attribute_classifier")),
+    "itm": Reads(("evaluation.itm_backend", "evaluation.itm_model"), after=("sample_i2t",),
+                 evaluators=lambda c: (c.evaluation.itm_model,)),
+    "caption_attributes": Reads((), after=("sample_i2t",)),
+    "mmlu_base": Reads(_MMLU),
+    "mmlu": Reads(_MMLU),
+    "linear_probe": Reads(("seed", "data.max_caption_tokens", "evaluation.sample_batch_size",
+                           "evaluation.probe_*")),
+    "caption_metrics": Reads(("data", "evaluation.n_samples", "evaluation.bertscore_*",
+                              "evaluation.clip_model", "evaluation.itm_model"),
+                             evaluators=lambda c: (c.evaluation.clip_model, c.evaluation.itm_model,
+                                                   c.evaluation.bertscore_model)),
+}
+
+
+def _patterns(cfg: RunConfig, job: str) -> list[str]:
+    reads = READS[job]
+    patterns = list(reads.keys)
+    for upstream in reads.after:
+        patterns += _patterns(cfg, upstream)
+    if any(name in JUDGE_NAMES for name in reads.evaluators(cfg)):
+        patterns += _patterns(cfg, "judges")
+    return patterns
+
+
+def _leaves(tree: Mapping[str, Any], prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def job_config(cfg: RunConfig, job: str) -> dict[str, Any]:
+    """The config values `job` depends on, dotted key -> value: its own reads, those of the
+    evaluation jobs upstream of it and of the judges where it loads one; cosmetic keys left out."""
+    if job not in READS:
+        raise KeyError(f"{job!r}: not a job of xfusion.config.READS (known: {', '.join(READS)})")
+    patterns = _patterns(cfg, job)
+    return {key: value for key, value in _leaves(cfg.to_dict()) if key not in COSMETIC
+            and any(fnmatchcase(key, p) or key.startswith(p + ".") for p in patterns)}
+
+
+def _digest(values: Mapping[str, Any]) -> str:
+    text = json.dumps(values, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def recipe_hash(cfg: RunConfig, job: str) -> str:
+    """A stable content hash of `job_config(cfg, job)`: equal exactly when the values are."""
+    return _digest(job_config(cfg, job))
+
+
+def train_recipe(cfg: RunConfig) -> str:
+    """The hash of everything that determines a run's trained weights."""
+    return recipe_hash(cfg, "train_run")
+
+
+RECIPE_FILE = "recipe.json"  # in a run dir and in each of its step model dirs
+
+
+def recipe_record(cfg: RunConfig) -> dict[str, Any]:
+    """What RECIPE_FILE holds: the train recipe hash and the values it covers, so that a diff of
+    two records says what changed between two recipes."""
+    return {"recipe": train_recipe(cfg), "config": job_config(cfg, "train_run")}
+
+
+def experiment_recipe(exp: Experiment) -> str:
+    """A hash of an experiment's declaration (kind, runs, caption): what its table and figure
+    read beyond the metric files."""
+    return _digest(dataclasses.asdict(exp))
+
+
+def experiments_using(raw: Mapping[str, Any], run_name: str) -> list[str]:
+    """The experiments (config.experiments, in file order) that declare `run_name`."""
+    return [name for name, exp in experiments_from_dict(raw).items() if run_name in exp.runs]

@@ -248,22 +248,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--latents", type=Path, help="i2t: latents safetensors")
     p.add_argument("--captions", type=Path, help="i2t: reference captions JSONL")
     p.add_argument("--out", required=True, type=Path, help="t2i: a directory; i2t: a JSONL file")
-    p.add_argument("--config", help="a config whose `evaluation` overrides the model's own")
-    p.add_argument("--run", help="the run of --config to take `evaluation` from")
+    p.add_argument("--config", help="a config whose `evaluation` and `seed` override the model's")
+    p.add_argument("--run", help="the run of --config to take `evaluation` and `seed` from")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     # Setup: the model on its base LLM (base_model.json), sampling settings.
     model = XFusionModel.load(args.model).eval().to(args.device)
-    ev = load_run(args.config, args.run).evaluation if args.config else model.cfg.evaluation
+    # The sampling settings of the config the rule passes: they are what its recipe hash covers
+    # (xfusion.config.READS), and they change without retraining the model.
+    settings = load_run(args.config, args.run) if args.config else model.cfg
+    ev, seed = settings.evaluation, settings.seed
     if args.mode == "t2i":
         if args.prompts is None:
             p.error("--mode t2i needs --prompts")
-        sample_t2i(model, ev, args.prompts, args.out, model.cfg.seed)
+        sample_t2i(model, ev, args.prompts, args.out, seed)
         log_grid(args.out, Path(args.model), read_jsonl(args.out / "index.jsonl"))
     else:
         if args.latents is None or args.captions is None:
             p.error("--mode i2t needs --latents and --captions")
-        sample_i2t(model, ev, args.latents, args.captions, args.out, model.cfg.seed)
+        sample_i2t(model, ev, args.latents, args.captions, args.out, seed)
 
 
 if __name__ == "__main__":

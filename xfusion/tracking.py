@@ -1,8 +1,13 @@
 """Experiment tracking with MLflow: the only module that imports it.
 
 One MLflow experiment per ablation group (`table1`, `figure5`, …), one MLflow run per trained
-variant. The run id is kept in `R/runs/RUN/mlflow_run_id.txt`, so a resumed training and the later
-evaluation rules log into the same run.
+variant and recipe. The run id is kept in `R/runs/RUN/mlflow_run_id.txt`, so a resumed training
+and the later evaluation rules log into the same run. An MLflow run lives in one experiment (the
+first group declaring it); tags `xfusion.experiment.<group>` = 1 (and `xfusion.experiments`, the
+list) make a run shared by several figures findable from each of them, and `xfusion.recipe` is
+its recipe hash (xfusion.config.train_recipe). A run whose recipe changed is kept, tagged
+`xfusion.superseded` = 1 (`xfusion.superseded_by`: the new hash, `xfusion.superseded_to`: where
+its files went), and the new recipe gets a new MLflow run.
 
 Store: `MLFLOW_TRACKING_URI` when set (a tracking server on a cluster), else an offline SQLite
 store beside the runs, `sqlite:///R/mlruns.db` with artifacts under `R/mlartifacts/` (R is the
@@ -24,6 +29,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
+from xfusion.config import experiments_using
 from xfusion.io import atomic_write_text
 
 RUN_ID_FILE = "mlflow_run_id.txt"
@@ -192,10 +198,15 @@ class Tracker:
 
 def experiment_of(raw_config: Mapping[str, Any], run_name: str) -> str:
     """The first ablation group (config.experiments, in file order) that declares `run_name`."""
-    for name, spec in (raw_config.get("experiments") or {}).items():
-        if run_name in ((spec or {}).get("runs") or {}):
-            return name
-    return "default"
+    return (experiments_using(raw_config, run_name) or ["default"])[0]
+
+
+def experiment_tags(raw_config: Mapping[str, Any], run_name: str) -> dict[str, str]:
+    """Tags naming every ablation group that declares `run_name`: filter on
+    `tags."xfusion.experiment.figure5" = '1'` across experiments to find all of a figure's runs."""
+    names = experiments_using(raw_config, run_name)
+    return {"xfusion.experiments": ",".join(names),
+            **{f"xfusion.experiment.{name}": "1" for name in names}}
 
 
 def start_run(run_dir: str | Path, run_cfg, experiment: str, enabled: bool = True) -> Tracker:
@@ -207,21 +218,31 @@ def start_run(run_dir: str | Path, run_cfg, experiment: str, enabled: bool = Tru
     return tracker
 
 
-def log_metrics(run_dir: str | Path, metrics: Mapping[str, float], step: int | None) -> None:
-    """Log metrics into a trained run (eval rules call this with the step they measured)."""
+def trained_run(run_dir: str | Path, what: str) -> Tracker | None:
+    """The MLflow run of a trained variant (its id in `run_dir/mlflow_run_id.txt`), or None with
+    a warning that `what` is not logged."""
     run_dir = Path(run_dir)
     if not (run_dir / RUN_ID_FILE).is_file():
-        warnings.warn(f"{run_dir / RUN_ID_FILE} missing: metrics not logged to MLflow",
-                      RuntimeWarning, stacklevel=2)
-        return
-    Tracker(run_dir, experiment="", run_name=run_dir.name).log_metrics(metrics, step or 0)
+        warnings.warn(f"{run_dir / RUN_ID_FILE} missing: {what} not logged to MLflow",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    return Tracker(run_dir, experiment="", run_name=run_dir.name)
+
+
+def log_metrics(run_dir: str | Path, metrics: Mapping[str, float], step: int | None) -> None:
+    """Log metrics into a trained run (eval rules call this with the step they measured)."""
+    if (tracker := trained_run(run_dir, "metrics")) is not None:
+        tracker.log_metrics(metrics, step or 0)
 
 
 def log_image(run_dir: str | Path, image, artifact_file: str) -> None:
     """Log a PIL image into a trained run (the T2I sampler's grid of each evaluated step)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / RUN_ID_FILE).is_file():
-        warnings.warn(f"{run_dir / RUN_ID_FILE} missing: {artifact_file} not logged to MLflow",
-                      RuntimeWarning, stacklevel=2)
-        return
-    Tracker(run_dir, experiment="", run_name=run_dir.name).log_image(image, artifact_file)
+    if (tracker := trained_run(run_dir, artifact_file)) is not None:
+        tracker.log_image(image, artifact_file)
+
+
+def mark_superseded(run_dir: str | Path, new_recipe: str, moved_to: str | Path) -> None:
+    """Tag a trained run's MLflow run as superseded by another recipe (kept, not deleted)."""
+    if (tracker := trained_run(run_dir, "the superseded tag")) is not None:
+        tracker.set_tags({"xfusion.superseded": "1", "xfusion.superseded_by": new_recipe,
+                          "xfusion.superseded_to": str(moved_to)})

@@ -2,16 +2,22 @@
 
 `python -m xfusion.train --config C --run RUN --base-lm R/base_lm/<name>/base_model.json --latents R/latents/train.safetensors --captions R/captions/train.jsonl [--judges R/judges] --out R/runs/RUN`
 
-Writes into `--out` (docs/INTERFACES.md): `steps/<step>/` (a model dir per `training.eval_steps`),
-`checkpoints/step_<N>/` (every `training.checkpoint_every` steps, last `keep_last` kept),
-`train_log.jsonl` (every `log_every` steps), `mlflow_run_id.txt`, `repa_targets.safetensors`
-(REPA runs: encoder features, computed once per image) and finally `done.json`.
+Writes into `--out` (docs/INTERFACES.md): `recipe.json` (the train recipe hash and the values
+it covers), `steps/<step>/` (a model dir per `training.eval_steps`), `checkpoints/step_<N>/` (every
+`training.checkpoint_every` steps, last `keep_last` kept), `train_log.jsonl` (every `log_every`
+steps), `mlflow_run_id.txt`, `repa_targets.safetensors` (REPA runs: encoder features, computed
+once per image) and finally `done.json`.
 
 Resume is automatic: rerunning the same command after a kill (SIGTERM or SIGKILL) continues from
 the newest complete checkpoint. Model weights, optimizer, LR schedule, RNG states and the data
 position (the stream is addressed by step) all come back, so on CPU in fp32 the final weights are
 bitwise those of an uninterrupted run. A non-finite loss stops the run before the update, with
 the last good checkpoint left in place.
+
+Resume never crosses recipes: a run dir holds the files of one train recipe
+(xfusion.config.train_recipe). Files of another are moved, intact, to
+`superseded/<their hash>/`, their MLflow run is tagged superseded, and training starts from step
+0 in a new MLflow run. Nothing is deleted.
 
 References: nanoGPT train.py (flat loop: setup, data, model, optimizer, loop, checkpoint);
 DiT train.py; X-Fusion Sec. 4 (recipe), Supp. A (REPA).
@@ -31,15 +37,17 @@ import torch
 from tqdm import tqdm
 
 from xfusion import checkpoint
-from xfusion.config import VARIANTS, RunConfig, load_run, load_yaml
+from xfusion.config import RECIPE_FILE, VARIANTS, RunConfig, load_run, load_yaml
+from xfusion.config import recipe_record, train_recipe
 from xfusion.data.mixing import MixedStream, read_captions
 from xfusion.engine import Engine, rank, setup_distributed, world_size
 from xfusion.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from xfusion.latents import load_latents
 from xfusion.model import XFusionModel
 from xfusion.model.base import load_base_llm, text_weight_hash
-from xfusion.tracking import experiment_of, start_run
+from xfusion.tracking import experiment_of, experiment_tags, mark_superseded, start_run
 
+SUPERSEDED = "superseded"  # R/runs/RUN/superseded/<hash>/: the files of earlier recipes
 LOG_FIELDS = ("step", "loss", "ar_loss", "dm_loss", "repa_loss", "lr", "grad_norm",
               "tokens_per_s", "t2i_tokens_seen", "i2t_tokens_seen")
 
@@ -154,6 +162,46 @@ def _cache_matches(cache: Path, key: dict, safe_open) -> bool:
         return (fh.metadata() or {}) == key
 
 
+# --- one recipe per run dir ----------------------------------------------------------------------
+
+def recorded_recipe(out: Path) -> str | None:
+    """The train recipe hash the files in run dir `out` belong to: None when it holds none,
+    "unrecorded" for files written before runs recorded their recipe."""
+    if (out / RECIPE_FILE).is_file():
+        return json.loads((out / RECIPE_FILE).read_text())["recipe"]
+    files = [p for p in out.iterdir() if p.name != SUPERSEDED] if out.is_dir() else []
+    return "unrecorded" if files else None
+
+
+def set_aside(out: Path, recipe: str) -> Path | None:
+    """Move the files of another recipe in `out` to `out/superseded/<their hash>/`, intact, and
+    tag their MLflow run superseded. Returns where they went (None: nothing to move)."""
+    old = recorded_recipe(out)
+    if old is None or old == recipe:
+        return None
+    dest, n = out / SUPERSEDED / old, 1
+    while dest.exists():  # that recipe was set aside before (A, then B, then A again, then B)
+        n += 1
+        dest = out / SUPERSEDED / f"{old}.{n}"
+    mark_superseded(out, recipe, dest)
+    # Through a staging dir named by the old hash and with the record moved last: a move cut
+    # short by a kill still finds the old recipe at the next start and finishes into the same dir.
+    staging = out / SUPERSEDED / f".{old}.moving"
+    staging.mkdir(parents=True, exist_ok=True)
+    for path in sorted(out.iterdir(), key=lambda p: p.name == RECIPE_FILE):
+        if path.name != SUPERSEDED:
+            path.rename(staging / path.name)
+    staging.rename(dest)
+    print(f"{out}: its files belong to train recipe {old}, not this run's {recipe}: moved them "
+          f"intact to {dest} (see {RECIPE_FILE} there for what differs); training starts at step 0")
+    return dest
+
+
+def missing_steps(out: Path, eval_steps) -> list[int]:
+    """The eval steps whose model dir `out/steps/<step>` is not written yet."""
+    return [s for s in eval_steps if not (out / "steps" / str(s)).is_dir()]
+
+
 # --- the run ------------------------------------------------------------------------------------
 
 def trained_text_hash(llm: torch.nn.Module, base_hash: str, precision: str) -> str:
@@ -173,12 +221,18 @@ def train(args: argparse.Namespace) -> dict:
     cfg = load_run(args.config, args.run)
     t = cfg.training
     out: Path = args.out
-    if (out / "done.json").is_file():
+    recipe = train_recipe(cfg)
+    if ((out / "done.json").is_file() and recorded_recipe(out) == recipe
+            and not missing_steps(out, t.eval_steps)):
         print(f"{out}: already trained (done.json exists)")
         return json.loads((out / "done.json").read_text())
     setup_distributed()
     seed_everything(t.seed)
-    out.mkdir(parents=True, exist_ok=True)
+    if rank() == 0:  # a run dir holds one recipe: resume never crosses two
+        set_aside(out, recipe)
+        atomic_write_json(out / RECIPE_FILE, recipe_record(cfg))
+    if world_size() > 1:  # no rank looks for checkpoints before the files are in place
+        torch.distributed.barrier()
 
     # Model: the frozen base LLM wrapped as the variant.
     base_ref = resolve_base_ref(args.base_lm)
@@ -200,23 +254,29 @@ def train(args: argparse.Namespace) -> dict:
     engine = Engine(model, model.param_groups(t.lr), t, micro_batch_size=stream.batch_size,
                     gradient_accumulation_steps=stream.accumulation)
 
-    # Resume from the newest complete checkpoint, if any.
-    identity = {"variant": cfg.model.architecture, "base_model_hash": base_ref["text_weight_hash"]}
+    # Resume from the newest complete checkpoint, if any, before the first eval step whose model
+    # dir is missing (training.eval_steps may have gained one; a kill may fall between a
+    # checkpoint and the step dir of the same step).
+    identity = {"variant": cfg.model.architecture, "base_model_hash": base_ref["text_weight_hash"],
+                "recipe": recipe}
     ckpt_dir, start = out / "checkpoints", 0
     seen = {"t2i_tokens_seen": 0, "i2t_tokens_seen": 0}
-    if (latest := checkpoint.latest(ckpt_dir)) is not None:
+    before = min(missing_steps(out, t.eval_steps), default=None)
+    if (latest := checkpoint.latest(ckpt_dir, before=before)) is not None:
         ckpt = checkpoint.load(latest, identity)
         engine.load(ckpt.engine_dir)  # trainable weights, optimizer shard, schedule, counters
         checkpoint.set_rng_state(ckpt.rng)
         start = ckpt.step
         seen = {k: ckpt.data[k] for k in seen}
-        if rank() == 0 and (out / "train_log.jsonl").is_file():  # drop rows past the checkpoint
-            rows = [r for r in read_jsonl(out / "train_log.jsonl") if r["step"] <= start]
-            atomic_write_jsonl(out / "train_log.jsonl", rows)
         print(f"resuming {cfg.name} from {latest} (step {start})")
-    experiment = args.experiment or experiment_of(load_yaml(args.config), cfg.name)
-    tracker = start_run(out, cfg, experiment, enabled=rank() == 0)
-    tracker.set_tags({"batch_size": stream.global_batch_size, "world_size": world_size()})
+    if rank() == 0 and (out / "train_log.jsonl").is_file():  # drop rows past the resume point
+        rows = [r for r in read_jsonl(out / "train_log.jsonl") if r["step"] <= start]
+        atomic_write_jsonl(out / "train_log.jsonl", rows)
+    raw = load_yaml(args.config)
+    tracker = start_run(out, cfg, args.experiment or experiment_of(raw, cfg.name),
+                        enabled=rank() == 0)
+    tracker.set_tags({"batch_size": stream.global_batch_size, "world_size": world_size(),
+                      "xfusion.recipe": recipe, **experiment_tags(raw, cfg.name)})
 
     # Loop.
     model.train()
@@ -280,8 +340,8 @@ def train(args: argparse.Namespace) -> dict:
     text_hash = text_weight_hash(model.llm)
     if not VARIANTS[cfg.model.architecture].trains_text and text_hash != expected_hash:
         raise RuntimeError(f"{cfg.name}: frozen text weights changed during training")
-    result = {"run": cfg.name, "steps": t.steps, "eval_steps": list(t.eval_steps),
-              "text_weight_hash": text_hash, **seen}
+    result = {"run": cfg.name, "recipe": recipe, "steps": t.steps,
+              "eval_steps": list(t.eval_steps), "text_weight_hash": text_hash, **seen}
     if rank() == 0:
         atomic_write_json(out / "done.json", result)
     tracker.finish()

@@ -18,6 +18,7 @@ rule aggregate:
         py=PY,
         config=CONFIG,
         paths=aggregate_flags,
+        recipe=experiment_params,
     conda:
         CONDA_ENV
     log:

@@ -17,7 +17,7 @@ rule base_lm:
         corpus=lambda wc: CORPUS,
         mmlu=lambda wc: mmlu_data(),
         out=lambda wc: f"{R}/base_lm/{wc.base}",
-        recipe=lambda wc: base_recipe(wc.base),
+        recipe=lambda wc: recipe("base_lm", BASE_RUN[wc.base]),
     conda:
         CONDA_ENV
     log:
@@ -50,7 +50,7 @@ if uses_judges():
         params:
             py=PY,
             config=CONFIG,
-            recipe=recipe("evaluation", "data"),
+            recipe=recipe("judges"),
         conda:
             CONDA_ENV
         log:

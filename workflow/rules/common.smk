@@ -10,7 +10,6 @@ publish), so `snakemake results/table1.csv` (tiny) and `snakemake --profile slur
 results/table1.csv` (paper) both work, and the copy is remade whenever another scale is run.
 """
 
-import json
 import os
 import re
 import sys
@@ -20,8 +19,9 @@ import jsonschema
 import yaml
 from snakemake.exceptions import WorkflowError
 
-from xfusion.config import ConfigError, all_runs, apply_overrides, config_schema
-from xfusion.config import experiments_from_dict, resolve_run
+from xfusion.config import JUDGE_NAMES, ConfigError, all_runs, apply_overrides, config_schema
+from xfusion.config import experiment_recipe, experiments_from_dict, recipe_hash, resolve_run
+from xfusion.config import run_from_dict
 from xfusion.io import atomic_write_text
 
 
@@ -71,6 +71,7 @@ def check_config(raw):
 
 
 RUNS = check_config(config)  # run name -> resolved xfusion.config.RunConfig
+RECIPE = run_from_dict(config)  # the recipe without a run's overrides (data, judges, …)
 EXPERIMENTS = experiments_from_dict(config)
 R = config["results_dir"].rstrip("/")
 # The interpreter of the entry points: the one running Snakemake (the project's venv), unless
@@ -80,7 +81,6 @@ CONDA_ENV = "../../environment.yml"  # conda users (--sdm conda); relative to wo
 # The published numbers beside ours; found from the workflow, whatever the working directory.
 REFERENCE = str(Path(workflow.basedir) / "reference" / "paper_results.yaml")
 SPLITS = ("train", "heldout")
-JUDGE_NAMES = ("judge_clip", "judge_itm")  # evaluators that eval.judges trains (tiny scale)
 
 
 def config_path():
@@ -210,17 +210,17 @@ def base_mmlu(base):
     return f"{R}/metrics/base/{base}/mmlu.json"
 
 
-def recipe(*sections, run=None):
-    """Config sections a job depends on, as a params value: Snakemake's params rerun trigger then
-    reruns exactly the jobs whose part of the config changed (the config file path never does)."""
-    source = RUNS[run].to_dict() if run else config
-    return json.dumps({s: source.get(s) for s in sections}, sort_keys=True, default=list)
+def recipe(job, run=None):
+    """The hash of the config `job` reads, as a params value: Snakemake's params rerun trigger
+    then reruns exactly the jobs whose part of the config changed (the config file path never
+    does). The table is xfusion.config.READS, where the hashes in the outputs come from too."""
+    return recipe_hash(RUNS[run] if run else RECIPE, job)
 
 
-def base_recipe(base):
-    """The base LLM depends on its own section and the data (corpus, tokenizer) only."""
-    run = RUNS[BASE_RUN[base]].to_dict()
-    return json.dumps({"base_lm": run["model"]["base_lm"], "data": run["data"]}, sort_keys=True)
+def experiment_params(wildcards):
+    """An experiment's declaration (kind, runs, caption) as a params value: a table or figure
+    reruns when it changes; changed metric files rerun it as inputs."""
+    return experiment_recipe(EXPERIMENTS[wildcards.experiment])
 
 
 def srun_launcher(resources):

@@ -16,7 +16,7 @@ if world_source():
             py=PY,
             config=CONFIG,
             out=lambda wc, output: str(Path(output.train).parent.parent),
-            recipe=recipe("data", "seed"),
+            recipe=recipe("world"),
         conda:
             CONDA_ENV
         log:
@@ -39,7 +39,7 @@ else:
             py=PY,
             config=CONFIG,
             out=lambda wc, output: str(Path(output.train).parent.parent),
-            recipe=recipe("data", "seed"),
+            recipe=recipe("folder"),
         conda:
             CONDA_ENV
         log:
@@ -60,7 +60,7 @@ rule caption:
     params:
         py=PY,
         config=CONFIG,
-        recipe=recipe("data"),
+        recipe=recipe("caption"),
     conda:
         CONDA_ENV
     log:
@@ -82,7 +82,7 @@ rule tokenizer:
         py=PY,
         config=CONFIG,
         corpus=lambda wc: CORPUS,  # a path, not an input, at paper scale
-        recipe=recipe("data"),
+        recipe=recipe("tokenizer"),
     conda:
         CONDA_ENV
     log:
@@ -103,7 +103,7 @@ rule latents:
     params:
         py=PY,
         config=CONFIG,
-        recipe=recipe("data", "model"),
+        recipe=recipe("latents"),
     conda:
         CONDA_ENV
     log:

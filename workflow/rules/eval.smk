@@ -15,6 +15,7 @@ rule fid:
     params:
         py=PY,
         config=CONFIG,
+        recipe=lambda wc: recipe("fid", wc.run),
         generated=lambda wc, input: str(Path(input.samples).parent),
         cache=f"{R}/fid_ref",
         judges=lambda wc: judges_flag(evaluators(wc.run, "fid_extractor")),
@@ -38,6 +39,7 @@ rule clip_score:
     params:
         py=PY,
         config=CONFIG,
+        recipe=lambda wc: recipe("clip_score", wc.run),
         judges=lambda wc: judges_flag(evaluators(wc.run, "clip_model")),
     conda:
         CONDA_ENV
@@ -60,6 +62,7 @@ rule itm:
     params:
         py=PY,
         config=CONFIG,
+        recipe=lambda wc: recipe("itm", wc.run),
         judges=lambda wc: judges_flag(evaluators(wc.run, "itm_model")),
     conda:
         CONDA_ENV
@@ -81,6 +84,7 @@ rule mmlu_base:
     params:
         py=PY,
         config=CONFIG,
+        recipe=recipe("mmlu_base"),
         data=lambda wc: mmlu_data(),
     conda:
         CONDA_ENV
@@ -103,6 +107,7 @@ rule mmlu:
     params:
         py=PY,
         config=CONFIG,
+        recipe=lambda wc: recipe("mmlu", wc.run),
         model=model_dir,
         data=lambda wc: mmlu_data(),
     conda:
@@ -131,6 +136,7 @@ rule linear_probe:
     params:
         py=PY,
         config=CONFIG,
+        recipe=lambda wc: recipe("linear_probe", wc.run),
         model=model_dir,
     conda:
         CONDA_ENV
@@ -153,6 +159,7 @@ rule caption_metrics:
     params:
         py=PY,
         config=CONFIG,
+        recipe=recipe("caption_metrics"),
         judges=judges_flag(evaluators(None, "clip_model", "itm_model", "bertscore_model")),
     conda:
         CONDA_ENV
@@ -182,7 +189,7 @@ if world_source():
         params:
             py=PY,
             config=CONFIG,
-            recipe=recipe("evaluation", "data", "seed"),
+            recipe=recipe("attribute_classifier"),
         threads: 1
         conda:
             CONDA_ENV
@@ -205,6 +212,7 @@ if world_source():
         params:
             py=PY,
             config=CONFIG,
+            recipe=lambda wc: recipe("geneval", wc.run),
         threads: 1
         conda:
             CONDA_ENV
@@ -225,6 +233,7 @@ if world_source():
         params:
             py=PY,
             config=CONFIG,
+            recipe=lambda wc: recipe("caption_attributes", wc.run),
         threads: 1
         conda:
             CONDA_ENV

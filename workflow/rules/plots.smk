@@ -22,6 +22,7 @@ rule plot:
     params:
         py=PY,
         config=CONFIG,
+        recipe=experiment_params,
     log:
         log("plot", "{experiment}"),
     benchmark:

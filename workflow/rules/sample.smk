@@ -13,7 +13,7 @@ rule sample_t2i:
         config=CONFIG,  # its `evaluation` (sampling steps, CFG) overrides the model dir's own
         model=model_dir,
         out=lambda wc: f"{R}/samples/{wc.run}/{wc.step}/t2i",
-        recipe=lambda wc: recipe("evaluation", run=wc.run),
+        recipe=lambda wc: recipe("sample_t2i", wc.run),
     conda:
         CONDA_ENV
     log:
@@ -36,7 +36,7 @@ rule sample_i2t:
         py=PY,
         config=CONFIG,  # its `evaluation` (sampling steps, CFG) overrides the model dir's own
         model=model_dir,
-        recipe=lambda wc: recipe("evaluation", run=wc.run),
+        recipe=lambda wc: recipe("sample_i2t", wc.run),
     conda:
         CONDA_ENV
     log:

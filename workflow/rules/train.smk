@@ -22,7 +22,10 @@ rule train_run:
         launch=lambda wc, resources: srun_launcher(resources),
         judges=lambda wc: judges_flag(repa_encoder(wc.run)),
         out=lambda wc: f"{R}/runs/{wc.run}",
-        recipe=lambda wc: recipe("model", "data", "training", run=wc.run),
+        recipe=lambda wc: recipe("train_run", wc.run),
+        # Left out of the recipe (it changes no weight at a step), but it decides which step
+        # dirs are written: a change reruns the job, which resumes or retrains to write them.
+        eval_steps=lambda wc: eval_steps(wc.run),
     # One thread: tiny-scale matmuls gain little from a second thread, so two runs side by side
     # finish sooner than two runs in a row (measured: a 400-step tiny run takes ~95 s alone).
     # On SLURM the profile's cpus_per_task sets the CPUs.

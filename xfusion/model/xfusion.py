@@ -23,7 +23,8 @@ from torch import nn
 from transformers import LlamaForCausalLM
 from transformers.masking_utils import create_causal_mask
 
-from xfusion.config import VARIANTS, RunConfig, preserves_text, run_from_json
+from xfusion.config import RECIPE_FILE, VARIANTS, RunConfig, preserves_text, recipe_record
+from xfusion.config import run_from_json
 from xfusion.io import atomic_dir
 from xfusion.model.base import load_base_llm, text_weight_hash
 from xfusion.model.image_io import ImageIO
@@ -268,9 +269,11 @@ class XFusionModel(nn.Module):
                 if p.requires_grad}
 
     def save(self, out_dir: str | Path) -> None:
-        """config.json + trainable.safetensors + base_model.json, written atomically."""
+        """config.json + recipe.json (the train recipe hash) + trainable.safetensors +
+        base_model.json, written atomically."""
         with atomic_dir(out_dir) as tmp:
             (tmp / "config.json").write_text(self.cfg.to_json() + "\n")
+            (tmp / RECIPE_FILE).write_text(json.dumps(recipe_record(self.cfg), indent=2) + "\n")
             save_file(self.trainable_state(), str(tmp / "trainable.safetensors"),
                       metadata={"architecture": self.architecture})
             (tmp / "base_model.json").write_text(json.dumps(self.base_ref, indent=2) + "\n")
