@@ -1,5 +1,5 @@
-"""Shared plumbing of the metric entry points: CLI arguments, the metric JSON, image and
-evaluator loading.
+"""Shared plumbing of the metric entry points: CLI arguments, the metric JSON, image,
+evaluator and trained-model loading.
 
 Every `python -m eval.<metric>` writes one JSON (docs/INTERFACES.md, "Metrics"):
 `{"metric", "value", "run", "step", "n", "recipe", "details"}`, atomically; `recipe` holds the
@@ -74,6 +74,15 @@ def write_metric(out: str | Path, metric: str, value: float, *, cfg: RunConfig, 
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_xfusion(model_dir: str | Path):
+    """(model, tokenizer) of an X-Fusion model dir (R/runs/RUN/steps/STEP) on the base LLM its
+    base_model.json names, in eval mode on `device()`."""
+    from xfusion.model import XFusionModel  # the model stack: only the metrics that need it
+
+    model = XFusionModel.load(model_dir)
+    return model.eval().to(device()), model.tokenizer
 
 
 def resolve_evaluator(name: str, judges: str | Path | None) -> str:

@@ -24,17 +24,15 @@ every label.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from tqdm import tqdm
 
-from eval.common import load_config, metric_parser, write_metric
+from eval.common import load_config, load_xfusion, metric_parser, write_metric
 from xfusion.io import read_jsonl
+from xfusion.latents import load_latents
+from xfusion.model.sequence import encode_captions
 
 MODES = ("understanding", "generation")
 PRIMARY_TASK = "shape"  # `value` and `per_layer` report this label; the others in per_task
@@ -69,12 +67,6 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 
 # --- features -----------------------------------------------------------------------------------
 
-def read_latents(path: str | Path) -> tuple[torch.Tensor, list[str]]:
-    """docs/INTERFACES.md: tensor `latents` (N, C, h, w), metadata `ids` (a JSON list)."""
-    with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor("latents"), json.loads(f.metadata()["ids"])
-
-
 @torch.no_grad()
 def probe_features(model, latents: torch.Tensor, prompts: list[list[int]], mode: str,
                    layers: tuple[int, ...], t: float, batch_size: int,
@@ -99,8 +91,9 @@ def probe_features(model, latents: torch.Tensor, prompts: list[list[int]], mode:
 
 
 def split_inputs(scenes: str, latents: str, captions: str, tokenizer, max_tokens: int):
-    """Latents, tokenised prompts and label dicts of one split, in the latents file's order."""
-    x, ids = read_latents(latents)
+    """Latents, prompts (caption ids as training holds them) and label dicts of one split, in
+    the latents file's order."""
+    x, ids = load_latents(latents)
     rows = {r["id"]: r for r in read_jsonl(scenes)}
     caps = {r["id"]: r["caption"] for r in read_jsonl(captions)}
     missing = [i for i in ids if i not in rows or i not in caps]
@@ -111,8 +104,7 @@ def split_inputs(scenes: str, latents: str, captions: str, tokenizer, max_tokens
     if any(l is None for l in labels):
         raise SystemExit(f"{scenes}: records without `labels`; the linear probe needs a "
                          "labelled set (tiny world: shape/colour; paper: an ImageNet-style set)")
-    prompts = [tokenizer(caps[i], truncation=True, max_length=max_tokens)["input_ids"]
-               for i in ids]
+    prompts = encode_captions(tokenizer, [caps[i] for i in ids], max_tokens)
     return x, prompts, labels
 
 
@@ -136,7 +128,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     cfg = load_config(args)
     e = cfg.evaluation
-    from eval.mmlu import load_xfusion
     model, tokenizer = load_xfusion(args.model)
     data = {"train": split_inputs(args.train_scenes, args.train_latents, args.train_captions,
                                   tokenizer, cfg.data.max_caption_tokens),

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from eval.common import device, load_config, metric_parser, write_metric
+from eval.common import device, load_config, load_xfusion, metric_parser, write_metric
 from xfusion.config import recipe_hash
 from xfusion.mmlu import causal_lm_loglik, evaluate_mmlu, load_mmlu
 
@@ -37,15 +37,6 @@ def base_lm_scorer(base_model_json: str | Path, batch_size: int):
     fn = causal_lm_loglik(lambda ids, mask: llm(input_ids=ids, attention_mask=mask).logits,
                           llm.config.max_position_embeddings, batch_size)
     return tokenizer, fn
-
-
-def load_xfusion(model_dir: str | Path):
-    """(model, tokenizer) of an X-Fusion model dir, on the base LLM its base_model.json names."""
-    from xfusion.model import XFusionModel
-    from xfusion.model.base import load_base_llm
-    llm, tokenizer = load_base_llm(Path(model_dir) / "base_model.json")
-    model = XFusionModel.load(model_dir, base_llm=llm, tokenizer=tokenizer)
-    return model.eval().to(device()), tokenizer
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from xfusion import checkpoint
+from xfusion.model.xfusion import trainable_state
 
 META = {"variant": "dual_tower", "base_model_hash": "abc", "recipe": "0123456789abcdef"}
 
@@ -85,7 +86,7 @@ def test_load_trainable_copies_in_place_and_rejects_other_names():
     with torch.no_grad():
         other[1].weight.add_(1.0)
     storage = model[1].weight.data_ptr()
-    checkpoint.load_trainable_(model, checkpoint.trainable_state(other))
+    checkpoint.load_trainable_(model, trainable_state(other))
     assert torch.equal(model[1].weight, other[1].weight)
     assert model[1].weight.data_ptr() == storage
     with pytest.raises(checkpoint.CheckpointMismatch, match="missing"):

@@ -2,6 +2,9 @@
 nothing unpickles, and servers bind to loopback."""
 
 import ast
+import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,8 +46,33 @@ def test_the_scan_sees_the_packages():
     assert sum(1 for _ in _sources()) >= 5
 
 
-def test_servers_bind_to_loopback():
-    makefile = (ROOT / "Makefile").read_text()
-    for line in makefile.splitlines():
-        if "mlflow ui" in line or "mlflow server" in line:
-            assert "--host 127.0.0.1" in line, line
+def _host(argv: list[str]) -> str | None:
+    """The address an `mlflow ui|server` command line binds (`--host H`, `--host=H`, `-h H`)."""
+    for i, arg in enumerate(argv):
+        if arg in ("--host", "-h") and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--host="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def test_mlflow_ui_target_binds_to_loopback():
+    """`make mlflow-ui` runs `mlflow ui` on 127.0.0.1: read from make's own dry run, so a
+    dropped or renamed target, a lost command or another host fails here."""
+    make = shutil.which("make")
+    assert make, "make is not installed: the Makefile is the documented entry point"
+    proc = subprocess.run([make, "-n", "mlflow-ui"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    commands = [shlex.split(line) for line in proc.stdout.splitlines() if "mlflow" in line]
+    servers = [c for c in commands if Path(c[0]).name == "mlflow" and c[1:2] == ["ui"]]
+    assert len(servers) == 1, f"make -n mlflow-ui runs no single `mlflow ui`:\n{proc.stdout}"
+    assert _host(servers[0]) == "127.0.0.1", servers[0]
+
+
+def test_every_server_in_the_makefile_binds_to_loopback():
+    lines = [line for line in (ROOT / "Makefile").read_text().splitlines()
+             if "mlflow ui" in line or "mlflow server" in line]
+    assert lines, "no `mlflow ui` line in the Makefile (the mlflow-ui target)"
+    for line in lines:
+        assert _host(shlex.split(line.strip())) == "127.0.0.1", line

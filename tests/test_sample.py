@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -72,10 +71,12 @@ def test_nucleus_keeps_only_the_top_mass():
 
 
 class StubTokenizer:
-    """Characters -> ids in [5, 60); the model only needs `__call__(...).input_ids`."""
+    """Characters -> ids in [5, 60), bos = 1; called on a batch of texts as encode_captions
+    calls a transformers tokenizer."""
 
-    def __call__(self, text: str):
-        return SimpleNamespace(input_ids=[1] + [5 + ord(c) % 55 for c in text])
+    def __call__(self, texts: list[str], add_special_tokens: bool = True):
+        bos = [1] if add_special_tokens else []
+        return {"input_ids": [bos + [5 + ord(c) % 55 for c in t] for t in texts]}
 
 
 def test_t2i_resume_skips_existing_images_and_regenerates_the_same(tiny_xfusion, tmp_path,

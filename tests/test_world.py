@@ -7,8 +7,9 @@ from PIL import Image
 
 from xfusion.caption import OPENINGS
 from xfusion.config import ConfigError, load_run
-from xfusion.data.world import COLOURS, LETTERS, generate_world, mmlu_header
+from xfusion.data.world import COLOURS, LETTERS, generate_world
 from xfusion.io import read_jsonl
+from xfusion.mmlu import description
 
 SMALL = {"data.n_train": 12, "data.n_heldout": 4, "data.n_corpus_facts": 300,
          "data.n_corpus_descriptions": 50}
@@ -104,7 +105,7 @@ def test_corpus_has_configured_fact_lines_and_harness_format_practice(tiny_confi
     assert len(facts) == cfg.data.n_corpus_facts
     n_questions = cfg.data.mmlu_dev_per_subject + cfg.data.mmlu_test_per_subject
     assert len(items) >= len(cfg.data.mmlu_subjects) * n_questions  # >= 1 per question
-    assert mmlu_header("shapes") in text
+    assert description("shapes") in text
     for question, options, letter in items:
         assert len(set(options)) == 4 and letter in LETTERS
 

@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from xfusion.io import atomic_dir, atomic_write_json
+from xfusion.model.xfusion import trainable_state
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -86,12 +87,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that training changes, by name (frozen ones come from the base model)."""
-    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters()
-            if p.requires_grad}
 
 
 def load_trainable_(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:

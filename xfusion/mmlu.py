@@ -1,7 +1,8 @@
 """MMLU k-shot scoring in lm-evaluation-harness's format: data, prompt, log-likelihood scorer.
 
 Shared by the tiny base LM's own check (xfusion.pretrain_lm) and the evaluation stage (eval.mmlu),
-so the number a pretraining run reports is the number Table 1 shows for that model.
+so the number a pretraining run reports is the number Table 1 shows for that model; the tiny
+world's practice items (xfusion.data.world) are written with the same prompt functions.
 
 References:
 - Hendrycks et al., "Measuring Massive Multitask Language Understanding", ICLR 2021 (data,
@@ -98,18 +99,26 @@ def load_mmlu(root: str | Path) -> dict[str, tuple[list[Item], list[Item]]]:
 
 # --- prompt -------------------------------------------------------------------------------------
 
+def description(subject: str) -> str:
+    """The harness's description of a subject (underscores read as spaces), blank line included."""
+    return ("The following are multiple choice questions (with answers) about "
+            f"{subject.replace('_', ' ')}.\n\n")
+
+
 def format_item(item: Item) -> str:
     options = "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(item.choices))
     return f"{item.question.strip()}{options}\nAnswer:"
 
 
+def format_example(item: Item) -> str:
+    """A solved item as a few-shot example: the doc, then its gold continuation " X"."""
+    return format_item(item) + TARGET_DELIMITER + item.answer
+
+
 def build_prompt(subject: str, shots: Sequence[Item], item: Item) -> str:
     """The harness's k-shot context for `item` (the continuation " X" excluded)."""
-    description = ("The following are multiple choice questions (with answers) about "
-                   f"{subject.replace('_', ' ')}.\n\n")
-    examples = "".join(format_item(s) + TARGET_DELIMITER + s.answer + FEWSHOT_DELIMITER
-                       for s in shots)
-    return description + examples + format_item(item)
+    examples = "".join(format_example(s) + FEWSHOT_DELIMITER for s in shots)
+    return description(subject) + examples + format_item(item)
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:

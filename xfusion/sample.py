@@ -31,7 +31,7 @@ from tqdm import tqdm
 from xfusion.config import EvaluationConfig, load_run
 from xfusion.data import save_png
 from xfusion.io import atomic_path, atomic_write_jsonl, read_jsonl
-from xfusion.model.sequence import caption_tokens, prompt_tokens
+from xfusion.model.sequence import encode_captions, prompt_tokens
 from xfusion.model.towers import KVCache
 from xfusion.model.xfusion import XFusionModel
 from xfusion.tracking import RUN_ID_FILE, log_image
@@ -188,12 +188,6 @@ def log_grid(out_dir: Path, model_dir: Path, entries: list[dict]) -> None:
         log_image(run_dir, grid, f"samples/step_{model_dir.name}_t2i.png")
 
 
-def encode_caption(model: XFusionModel, text: str) -> list[int]:
-    """Caption ids as in training: no bos, at most `data.max_caption_tokens`."""
-    ids = caption_tokens(model.tokenizer(text).input_ids, model.ids)
-    return ids[:model.cfg.data.max_caption_tokens]
-
-
 def sample_t2i(model: XFusionModel, ev: EvaluationConfig, prompts: Path, out_dir: Path,
                seed: int) -> None:
     """`<index>.png` + index.jsonl for the first `n_samples` prompts; existing PNGs are kept.
@@ -207,7 +201,8 @@ def sample_t2i(model: XFusionModel, ev: EvaluationConfig, prompts: Path, out_dir
     shape = latent_shape(model)
     for start in tqdm(range(0, len(todo), ev.sample_batch_size), desc="t2i", unit="batch"):
         batch = todo[start:start + ev.sample_batch_size]
-        prompt_ids = [encode_caption(model, e["prompt"]) for e in batch]
+        prompt_ids = encode_captions(model.tokenizer, [e["prompt"] for e in batch],
+                                     model.cfg.data.max_caption_tokens)
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
             seed * 1_000_003 + e["index"])) for e in batch])
         latents = generate_images(model, prompt_ids, ev.sample_steps, ev.cfg_scale, noise=noise,

@@ -32,7 +32,7 @@ import torch
 from xfusion.config import ConfigError, RunConfig
 from xfusion.io import read_jsonl
 from xfusion.model.flow import sample_t
-from xfusion.model.sequence import Sample
+from xfusion.model.sequence import Sample, encode_captions
 
 SPECIAL_TOKENS_PER_SAMPLE = 4  # bos, boi, eoi, eos (I2T's layout, the longer one)
 
@@ -104,8 +104,7 @@ class MixedStream:
         self.training, self.seed = cfg.training, cfg.training.seed
         self.rank, self.world_size = rank, world_size
         budget = cfg.data.max_caption_tokens
-        self.caption_ids = [ids[:budget] for ids in
-                            tokenizer(list(captions), add_special_tokens=False)["input_ids"]]
+        self.caption_ids = encode_captions(tokenizer, captions, budget)
         _, h, w = latents.shape[1:]
         p = cfg.model.patch_size
         self.image_tokens = (h // p) * (w // p)

@@ -46,6 +46,7 @@ from xfusion.caption import scene_caption  # the captioner's phrasing: one sourc
 from xfusion.config import ConfigError, DataConfig, load_run
 from xfusion.data import save_png
 from xfusion.io import atomic_write_jsonl, atomic_write_text
+from xfusion.mmlu import FEWSHOT_DELIMITER, LETTERS, Item, description, format_example
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLOURS = {  # well separated in RGB so a tiny encoder tells them apart
@@ -57,7 +58,6 @@ SIZES = {"small": 0.09, "large": 0.16}  # radius as a fraction of the image side
 POSITIONS = {"left": (0.2, 0.5), "right": (0.8, 0.5), "top": (0.5, 0.2), "bottom": (0.5, 0.8),
              "centre": (0.5, 0.5)}  # centre of the shape, fractions of the image side
 SUPERSAMPLE = 4  # draw large, then box-filter down: clean edges at 32 px, still deterministic
-LETTERS = "ABCD"
 
 
 # --- images -----------------------------------------------------------------------------------
@@ -295,16 +295,6 @@ def mc_options(fact: Fact, rng: random.Random, letter: int) -> list[str]:
     return wrong[:letter] + [fact.answer] + wrong[letter:]
 
 
-def mc_prompt(question: str, options: list[str], answer: str) -> str:
-    """lm-evaluation-harness's MMLU doc format with its gold continuation."""
-    body = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
-    return f"{question}\n{body}\nAnswer: {answer}"
-
-
-def mmlu_header(subject: str) -> str:
-    return f"The following are multiple choice questions (with answers) about {subject}."
-
-
 def benchmark_items(facts: list[Fact], sizes: tuple[int, ...],
                     rng: random.Random) -> list[list[tuple[Fact, list[str]]]]:
     """Splits of `sizes` items over consecutive facts (cycling when there are too few); in each
@@ -331,7 +321,8 @@ def practice_items(facts: list[Fact], per_fact: int, taken: set[tuple[str, tuple
                     break
             else:
                 raise RuntimeError(f"no fresh option set for {fact.question!r}: add distractors")
-            items.append(mc_prompt(fact.question, options, LETTERS[options.index(fact.answer)]))
+            items.append(format_example(Item(fact.question, tuple(options),
+                                             LETTERS[options.index(fact.answer)])))
     return items
 
 
@@ -387,10 +378,9 @@ def write_text_data(out: Path, data: DataConfig, seed: int) -> None:
         asked = list(dict.fromkeys(f for f, _ in items))  # facts the benchmark asks, in order
         practice = practice_items(asked, data.mmlu_practice_per_question, taken, rng)
         rng.shuffle(practice)
-        header = mmlu_header(subject.replace("_", " "))
         # Few-shot-shaped blocks of up to 3 items: the harness's prompt at a length that fits
         # the tiny LM's pretraining context.
-        blocks += [header + "\n\n" + "\n\n".join(practice[i:i + 3])
+        blocks += [description(subject) + FEWSHOT_DELIMITER.join(practice[i:i + 3])
                    for i in range(0, len(practice), 3)]
         all_facts += facts
     rng = random.Random(f"corpus-{seed}")

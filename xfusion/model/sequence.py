@@ -13,6 +13,7 @@ References: X-Fusion Sec. 4 (training) and 6; Transfusion Sec. 3; SD3 rectified 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Sequence
 
 import torch
 
@@ -63,6 +64,14 @@ class MultimodalBatch:
     def to(self, device) -> "MultimodalBatch":
         return MultimodalBatch(**{f.name: None if getattr(self, f.name) is None
                                   else getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def encode_captions(tokenizer, captions: Sequence[str], max_tokens: int) -> list[list[int]]:
+    """Caption ids as every sample holds them (training, sampling, the linear probe): the
+    tokenizer's ids without special tokens (the layout adds bos/boi/eoi/eos), the first
+    `max_tokens` (`data.max_caption_tokens`) of each."""
+    return [ids[:max_tokens]
+            for ids in tokenizer(list(captions), add_special_tokens=False)["input_ids"]]
 
 
 def caption_tokens(caption_ids: list[int], ids: SpecialIds) -> list[int]:

@@ -47,6 +47,13 @@ class CheckpointError(ValueError):
     """A model directory does not fit the requested variant or base model."""
 
 
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters by name, on the CPU: what a model dir and a resume checkpoint store
+    (frozen ones come from the base model; single_tower's include the full Llama weights)."""
+    return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters()
+            if p.requires_grad}
+
+
 class XFusionModel(nn.Module):
     def __init__(self, cfg: RunConfig, llm: LlamaForCausalLM, ids: SpecialIds, base_ref: dict):
         super().__init__()
@@ -263,18 +270,13 @@ class XFusionModel(nn.Module):
         return LossOutput(loss, ar.detach(), dm.detach(), repa.detach())
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Trainable parameters by name (single_tower: the full Llama weights too)."""
-        return {n: p.detach().cpu().contiguous() for n, p in self.named_parameters()
-                if p.requires_grad}
-
     def save(self, out_dir: str | Path) -> None:
         """config.json + recipe.json (the train recipe hash) + trainable.safetensors +
         base_model.json, written atomically."""
         with atomic_dir(out_dir) as tmp:
             (tmp / "config.json").write_text(self.cfg.to_json() + "\n")
             (tmp / RECIPE_FILE).write_text(json.dumps(recipe_record(self.cfg), indent=2) + "\n")
-            save_file(self.trainable_state(), str(tmp / "trainable.safetensors"),
+            save_file(trainable_state(self), str(tmp / "trainable.safetensors"),
                       metadata={"architecture": self.architecture})
             (tmp / "base_model.json").write_text(json.dumps(self.base_ref, indent=2) + "\n")
 
@@ -303,7 +305,7 @@ class XFusionModel(nn.Module):
                 f"{found[:12]}…: load the base model named in {model_dir / 'base_model.json'}")
         model = cls.from_base(cfg, base_llm, tokenizer, base_ref=ref)
         weights = load_file(str(model_dir / "trainable.safetensors"))
-        own = model.trainable_state()
+        own = trainable_state(model)
         if weights.keys() != own.keys():
             missing = sorted(own.keys() - weights.keys())
             extra = sorted(weights.keys() - own.keys())
