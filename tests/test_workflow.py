@@ -375,5 +375,6 @@ def test_changing_cfg_scale_reruns_t2i_sampling_and_its_metrics_not_captioning(
                     # the tables and figures that show a T2I metric; not figureD (the probe) nor
                     # figureE (captions of the data)
                     "aggregate": {"experiment=table1", "experiment=figure5"},
-                    "plot": {"experiment=figure5"}}
+                    "plot": {"experiment=figure5"},
+                    "publish": {"experiment=table1"}}  # results/table1.csv, the copy
     assert len(everything["sample_t2i"]) > len(everything["train_run"])  # every evaluated step
