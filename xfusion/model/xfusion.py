@@ -304,16 +304,11 @@ class XFusionModel(nn.Module):
                 f"{ref['text_weight_hash'][:12]}…), but the given base model hashes to "
                 f"{found[:12]}…: load the base model named in {model_dir / 'base_model.json'}")
         model = cls.from_base(cfg, base_llm, tokenizer, base_ref=ref)
-        weights = load_file(str(model_dir / "trainable.safetensors"))
-        own = trainable_state(model)
-        if weights.keys() != own.keys():
-            missing = sorted(own.keys() - weights.keys())
-            extra = sorted(weights.keys() - own.keys())
+        from xfusion.checkpoint import CheckpointMismatch, load_trainable_  # imports this module
+
+        try:
+            load_trainable_(model, load_file(str(model_dir / "trainable.safetensors")))
+        except CheckpointMismatch as err:
             raise CheckpointError(f"{model_dir}/trainable.safetensors does not fit a "
-                                  f"{cfg.model.architecture} model: missing {missing[:4]}, "
-                                  f"unexpected {extra[:4]}")
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, w in weights.items():
-                params[name].copy_(w)
+                                  f"{cfg.model.architecture} model: {err}") from None
         return model
