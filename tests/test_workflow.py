@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -78,6 +79,15 @@ def test_each_run_trained_once_and_shared_runs_not_duplicated(tiny_plan):
     # ground-truth attribute metrics wherever FID is measured; their classifier trained once
     assert counts["attribute_classifier"] == 1
     assert counts["geneval"] == counts["caption_attributes"] == counts["fid"]
+
+
+def test_the_base_most_runs_wait_on_is_scheduled_first(tiny_plan):
+    """Snakemake runs the ready job of highest priority first: tiny_base, not a side base."""
+    priority = {re.search(r"wildcards: base=(\w+)", b).group(1):
+                int(re.search(r"priority: (\d+)", b).group(1)) for b in jobs(tiny_plan, "base_lm")}
+    waiting = Counter(resolve_run(TINY, run).model.base_lm.name for run in all_runs(TINY))
+    assert priority == dict(waiting)
+    assert max(priority, key=priority.get) == TINY["model"]["base_lm"]["name"]
 
 
 def test_metrics_at_each_eval_step_for_curves_and_last_step_for_tables(tiny_plan):

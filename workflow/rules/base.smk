@@ -28,6 +28,10 @@ rule base_lm:
     # (xfusion.pretrain_lm.PRETRAIN_THREADS = 1) whatever OMP_NUM_THREADS this sets, because the
     # thread count changes the weights: raising this would only idle the extra cores.
     threads: 1
+    # Critical path first: the base that most runs wait on pretrains before the others (unranked,
+    # a fresh `make demo` started Fig. B's side bases tiny_s and tiny_l, 2 runs waiting on each,
+    # before tiny_base, on which the other runs wait).
+    priority: lambda wc: sum(base_of(run) == wc.base for run in RUNS)
     shell:
         "{params.py} -m xfusion.pretrain_lm --config {params.config} --run {params.run} --tokenizer {input.tokenizer} --corpus {params.corpus} --mmlu {params.mmlu} --out {params.out} > {log} 2>&1"
 
