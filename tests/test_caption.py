@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bad_files import KINDS, assert_stops_naming, jsonl_with, report_items, write_image_of
 from xfusion.caption import HFCaptioner, caption_file, scene_caption
 from xfusion.config import CaptionerConfig
 from xfusion.io import read_jsonl
@@ -119,3 +120,52 @@ def test_empty_caption_is_bad_input_skipped_or_stopping(tiny_blip, tmp_path, mon
     assert report["n_bad"] == 1 and "im0.png" in report["items"][0]["file"]
     with pytest.raises(SystemExit, match="im0.png"):
         caption_file(scenes, tmp_path / "captions" / "other.jsonl", hf_config(tiny_blip), "stop")
+
+
+def scenes_with(root: Path, kind: str) -> tuple[Path, set, str]:
+    """write_scenes' four images with one bad input of `kind` as the third record
+    (tests/bad_files.py). Returns the scenes file, the items a skip report must hold, and what
+    a stop must name."""
+    scenes = write_scenes(root, 4)
+    # 33 px wide: the stand-in captioner of the empty-caption case finds it by its size
+    image = write_image_of(kind, root / "world" / "train" / "images" / "bad.png", (33, 32))
+    record = {"id": "bad", "image": "world/train/images/bad.png", "scene": SCENE,
+              "labels": None, "short_caption": "CAFE"}
+    scenes.write_bytes(jsonl_with(read_jsonl(scenes), record, kind))
+    if kind == "undecodable line":
+        return scenes, {("scenes.jsonl", 3, kind)}, f"{scenes}:3"
+    if kind == "empty caption":
+        return scenes, {("bad.png", None, kind)}, record["image"]
+    return scenes, {("bad.png", None, "corrupt image")}, str(image.resolve())
+
+
+def caption_empty_for_33px_images(monkeypatch) -> None:
+    original = HFCaptioner.__call__
+    monkeypatch.setattr(HFCaptioner, "__call__", lambda self, images: [
+        "" if img.size == (33, 32) else c for img, c in zip(images, original(self, images))])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_skip_leaves_bad_inputs_out_and_a_resumed_run_reports_them_again(
+        tiny_blip, tmp_path, monkeypatch, kind):
+    caption_empty_for_33px_images(monkeypatch)
+    scenes, expected, _ = scenes_with(tmp_path, kind)
+    out = tmp_path / "captions" / "train.jsonl"
+    assert caption_file(scenes, out, hf_config(tiny_blip), "skip") == 4
+    assert [r["id"] for r in read_jsonl(out)] == ["im0", "im1", "im2", "im3"]
+    report = out.parent / "train.bad_inputs.json"
+    assert report_items(report) == expected
+    report.unlink()
+    out.unlink()  # a rerun after a kill: every shard is on disk, no image is read again
+    monkeypatch.setattr(HFCaptioner, "__init__", None)  # would fail if the model were loaded
+    assert caption_file(scenes, out, hf_config(tiny_blip), "skip") == 4
+    assert report_items(report) == expected
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_stop_exits_at_the_bad_input_naming_it(tiny_blip, tmp_path, monkeypatch, kind):
+    caption_empty_for_33px_images(monkeypatch)
+    scenes, _, where = scenes_with(tmp_path, kind)
+    out = tmp_path / "captions" / "train.jsonl"
+    assert_stops_naming(lambda: caption_file(scenes, out, hf_config(tiny_blip), "stop"), where)
+    assert not out.exists()
