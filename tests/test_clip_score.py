@@ -1,4 +1,5 @@
-"""eval.clip_score: 100 * max(cos, 0) with a CLIPModel; the trained judge prefers true pairs."""
+"""eval.clip_score: 100 * max(cos, 0) per pair (Hessel et al.), then the mean, with a CLIPModel;
+the trained judge prefers true pairs."""
 
 from __future__ import annotations
 
@@ -57,3 +58,18 @@ def test_cli_reads_a_t2i_index_and_writes_the_metric_json(tmp_path):
     assert set(record) == {"metric", "value", "run", "step", "n", "recipe", "details"}
     assert record["metric"] == "clip" and record["n"] == 6 and 0 < record["value"] <= 100
     assert record["details"]["model"] == "judge_clip"
+
+
+def test_each_pair_is_clipped_before_the_mean_unlike_torchmetrics(monkeypatch):
+    # Two pairs with cosines 0.8 and -0.6, from unit features built for it: Hessel et al.'s
+    # CLIP-S (ours) gives mean(80, 0) = 40; torchmetrics' clipped mean gives max(10, 0) = 10.
+    image = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    text = torch.tensor([[0.8, 0.6], [-0.6, 0.8]])
+    monkeypatch.setattr(clip_score, "clip_features",
+                        lambda model, processor, images=None, texts=None, **_: (
+                            image if images is not None else text))
+    scores = clip_score.clip_scores(None, None, ["im0", "im1"], ["a", "b"])
+    cos = (image * text).sum(-1)
+    assert torch.allclose(scores, torch.tensor([80.0, 0.0]))
+    assert abs(scores.mean().item() - (100 * cos).clamp(min=0).mean().item()) < 1e-5
+    assert abs(scores.mean().item() - max((100 * cos).mean().item(), 0)) > 25  # not the clipped mean
