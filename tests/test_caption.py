@@ -54,31 +54,56 @@ def test_scene_backend_writes_one_caption_per_scene_in_order(tmp_path):
     assert [r["id"] for r in read_jsonl(out)] == ["im0", "im1", "im2"]
 
 
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def save_random_captioner(model, processor, path: Path) -> str:
+    """Save a random model and its processor; a random model may stop at once or emit only
+    special tokens, so force a few real words: the tests check plumbing, not luck."""
+    model.generation_config.min_new_tokens = 3
+    model.generation_config.suppress_tokens = [0, 1, 2, 4]
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def tiny_blip(tmp_path_factory) -> str:
     """A randomly initialised BLIP captioner with a locally built processor, saved to disk."""
     from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration,
                               BlipImageProcessor, BlipProcessor)
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = BertTokenizer(vocab={t: i for i, t in enumerate(specials + WORDS)})
+    tok = BertTokenizer(vocab={t: i for i, t in enumerate(SPECIALS + WORDS)})
     processor = BlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}), tok)
     config = BlipConfig(
-        text_config=dict(vocab_size=len(specials + WORDS), hidden_size=32, num_hidden_layers=1,
+        text_config=dict(vocab_size=len(SPECIALS + WORDS), hidden_size=32, num_hidden_layers=1,
                          num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
                          bos_token_id=2, sep_token_id=3, pad_token_id=0),
         vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                            intermediate_size=64, image_size=32, patch_size=16),
         projection_dim=32)
     torch.manual_seed(0)
-    model = BlipForConditionalGeneration(config)
-    # A random model may stop at once or emit only special tokens; force a few real words so the
-    # test checks plumbing, not luck.
-    model.generation_config.min_new_tokens = 3
-    model.generation_config.suppress_tokens = [0, 1, 2, 4]
-    path = tmp_path_factory.mktemp("blip") / "tiny_blip"
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return str(path)
+    return save_random_captioner(BlipForConditionalGeneration(config), processor,
+                                 tmp_path_factory.mktemp("blip") / "tiny_blip")
+
+
+@pytest.fixture(scope="module")
+def tiny_git(tmp_path_factory) -> str:
+    """A randomly initialised GIT captioner (decoder-only; its processor's BERT tokenizer returns
+    `token_type_ids`, which GIT's generate rejects), saved to disk."""
+    from transformers import (BertTokenizer, CLIPImageProcessor, GitConfig, GitForCausalLM,
+                              GitProcessor)
+    tok = BertTokenizer(vocab={t: i for i, t in enumerate(SPECIALS + WORDS)})
+    processor = GitProcessor(CLIPImageProcessor(size={"shortest_edge": 32},
+                                                crop_size={"height": 32, "width": 32}), tok)
+    config = GitConfig(
+        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64, image_size=32, patch_size=16),
+        vocab_size=len(SPECIALS + WORDS), hidden_size=32, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+        bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    torch.manual_seed(0)
+    return save_random_captioner(GitForCausalLM(config), processor,
+                                 tmp_path_factory.mktemp("git") / "tiny_git")
 
 
 def hf_config(model: str) -> CaptionerConfig:
@@ -169,3 +194,19 @@ def test_stop_exits_at_the_bad_input_naming_it(tiny_blip, tmp_path, monkeypatch,
     out = tmp_path / "captions" / "train.jsonl"
     assert_stops_naming(lambda: caption_file(scenes, out, hf_config(tiny_blip), "stop"), where)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("family", ["tiny_blip", "tiny_git"])
+def test_hf_backend_passes_generate_only_the_inputs_it_takes(family, request, tmp_path):
+    model = request.getfixturevalue(family)
+    captioner = HFCaptioner(hf_config(model))
+    inputs = captioner.processor(images=[Image.new("RGB", (32, 32))], text=[captioner.prompt],
+                                 return_tensors="pt", padding=True)
+    taken = set(inputs) & captioner.input_names
+    assert {"pixel_values", "input_ids", "attention_mask"} <= taken
+    if family == "tiny_git":  # the BERT tokenizer's extra output, which GIT's forward lacks
+        assert "token_type_ids" in inputs and "token_type_ids" not in captioner.input_names
+    scenes = write_scenes(tmp_path, 3)
+    out = tmp_path / "captions" / "train.jsonl"
+    assert caption_file(scenes, out, hf_config(model), "stop") == 3
+    assert all(set(r["caption"].split()) <= set(WORDS) and r["caption"] for r in read_jsonl(out))

@@ -8,7 +8,8 @@ Backends (`data.captioner.backend`):
          size, shape and position, and the relations). The phrasing varies between images but is
          chosen by a generator seeded with the image id, so one input always gives one caption.
   hf     any transformers image-text-to-text model (InternVL2 at paper scale, a local path or hub
-         id in `data.captioner.model`), batched, greedy, resumable: every `shard_size` images form a
+         id in `data.captioner.model`), batched, greedy, given only the processor outputs its
+         `generate` takes (`generate_input_names`), resumable: every `shard_size` images form a
          shard written atomically under `<out>.shards/`; a rerun skips the shards already there and
          the shards are merged into `<out>` in input order at the end.
 Bad inputs (xfusion.data, `data.bad_input_policy`): an undecodable or incomplete line of the
@@ -24,7 +25,9 @@ transformers' image-text-to-text pipeline (processor + generate).
 from __future__ import annotations
 
 import argparse
+import inspect
 import random
+import sys
 from pathlib import Path
 
 import torch
@@ -79,8 +82,25 @@ def scene_caption(image_id: str, scene: dict) -> str:
     return " ".join(parts)
 
 
+def generate_input_names(model: torch.nn.Module) -> set[str]:
+    """The inputs `model.generate` takes by name: the named parameters of the model's
+    `prepare_inputs_for_generation` and `forward` (and its encoder's, for an encoder-decoder),
+    those transformers' own check of generate's keyword arguments reads. A processor may return
+    more (a BERT tokenizer's `token_type_ids`, which GIT's forward lacks and generate rejects)."""
+    def named(fn) -> set[str]:
+        return {n for n, p in inspect.signature(fn).parameters.items()
+                if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+    names = named(model.prepare_inputs_for_generation) | named(model.forward)
+    encoder = getattr(model, "encoder", None)
+    if model.config.is_encoder_decoder and encoder is not None:
+        names |= named(encoder.forward)
+    return names
+
+
 class HFCaptioner:
-    """Greedy captions from a transformers image-text-to-text model."""
+    """Greedy captions from a transformers image-text-to-text model; of the processor's outputs
+    only those the model's `generate` takes are passed (`generate_input_names`)."""
 
     def __init__(self, cfg: CaptionerConfig, device: str | None = None) -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -104,6 +124,8 @@ class HFCaptioner:
                 raise
             model = vision2seq.from_pretrained(cfg.model, dtype=dtype)
         self.model = model.to(self.device).eval()
+        self.input_names = generate_input_names(self.model)
+        self._dropped: set[str] = set()
         tokenizer = getattr(self.processor, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.padding_side = "left"  # decoder-only generation continues after the prompt
@@ -122,6 +144,11 @@ class HFCaptioner:
         inputs = self.processor(images=images, text=[self.prompt] * len(images),
                                 return_tensors="pt", padding=True)
         inputs = inputs.to(self.device, dtype=self.model.dtype)  # casts floating tensors only
+        if dropped := set(inputs) - self.input_names - self._dropped:
+            print(f"captioner {self.cfg.model}: its generate takes no {sorted(dropped)} (a "
+                  "processor output); not passed", file=sys.stderr)
+            self._dropped |= dropped
+        inputs = {k: v for k, v in inputs.items() if k in self.input_names}
         out = self.model.generate(**inputs, max_new_tokens=self.cfg.max_new_tokens,
                                   do_sample=False)  # (B, L_out)
         prompt_ids = inputs["input_ids"]  # (B, L_in)
