@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from xfusion.codec import ImageCodec, build_codec
 from xfusion.config import RunConfig, load_run
-from xfusion.data import (BadInputs, caption_text, load_pixels, read_records, record_image,
-                          report_path, to_pixels)
+from xfusion.data import (BadInputs, captioned_records, load_pixels, record_image, report_path,
+                          to_pixels)
 from xfusion.io import atomic_path
 
 
@@ -56,12 +56,10 @@ def encode_images(paths: list[Path], codec: ImageCodec, image_size: int, batch_s
 
 def usable_pixels(records: list[tuple[int, dict]], captions: Path, image_size: int,
                   bad: BadInputs, ids: list[str]) -> Iterator[torch.Tensor]:
-    """Pixels of each record with a caption and a whole image, in order; appends its id to
-    `ids` as it goes (the others are bad inputs)."""
+    """Pixels of each record whose image is whole, in order; appends its id to `ids` as it
+    goes (the others are bad inputs)."""
     for line, row in tqdm(records, desc="encode", unit="img"):
-        if caption_text(row["caption"]) is None:
-            bad.add(captions, "empty caption", line=line)
-        elif (img := record_image(row, captions, line, bad)) is not None:
+        if (img := record_image(row, captions, line, bad)) is not None:
             ids.append(row["id"])
             yield to_pixels(img, row["image"], image_size)
 
@@ -86,7 +84,7 @@ def load_latents(path: str | Path) -> tuple[torch.Tensor, list[str]]:
 def encode_split(captions: Path, out: Path, cfg: RunConfig, device: torch.device) -> tuple:
     """Write `out` (and its bad-input report) from the captions file; returns the latents' shape."""
     bad = BadInputs(cfg.data.bad_input_policy)
-    records = read_records(captions, bad, keys=("id", "image", "caption"))
+    records = captioned_records(captions, bad, keys=("id", "image"))
     ids: list[str] = []
     pixels = usable_pixels(records, captions, cfg.data.image_size, bad, ids)
     if (first := next(pixels, None)) is None:

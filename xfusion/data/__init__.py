@@ -2,13 +2,13 @@
 latent encoder: image paths in jsonl records, PNG I/O, and the bad-input policy.
 
 Bad inputs (`data.bad_input_policy`): every stage that reads user data reads it through
-`read_records` (jsonl lines), `read_image` (image files) and `caption_text` (captions) with one
-`BadInputs`. A bad item is an undecodable or incomplete jsonl line (not UTF-8, not a JSON
+`read_records` (jsonl lines), `captioned_records` (captions), `read_image` / `record_image`
+(image files) with one `BadInputs`. A bad item is an undecodable or incomplete jsonl line (not UTF-8, not a JSON
 object, a key missing), a missing, corrupt or truncated image, or an empty caption. `skip`
 leaves it out, names it (file, and line for a jsonl line) in the stage's report and continues;
 `stop` exits at the first one, naming it and the config key. The report is
-`report_path(<stage output>)`: `bad_inputs.json` inside a stage's output directory (folder),
-`<stem>.bad_inputs.json` beside a stage's output file (caption, latents)."""
+`report_path(<stage output>)`: `bad_inputs.json` inside a stage's output directory (folder,
+tokenizer), `<stem>.bad_inputs.json` beside a stage's output file (caption, latents)."""
 
 from __future__ import annotations
 
@@ -142,6 +142,19 @@ def read_records(path: str | Path, bad: BadInputs,
 def caption_text(caption: object) -> str | None:
     """The caption if it is a non-blank string, else None (an empty caption)."""
     return caption if isinstance(caption, str) and caption.strip() else None
+
+
+def captioned_records(path: str | Path, bad: BadInputs,
+                      keys: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
+    """`read_records` of the records holding `keys` and a non-empty `caption`; an empty caption
+    is a bad input named by its line."""
+    records = []
+    for line, row in read_records(path, bad, keys=("caption", *keys)):
+        if caption_text(row["caption"]) is None:
+            bad.add(path, "empty caption", line=line)
+        else:
+            records.append((line, row))
+    return records
 
 
 def read_image(path: str | Path, bad: BadInputs, named_at: str | None = None
