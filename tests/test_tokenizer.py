@@ -103,7 +103,7 @@ def test_bad_caption_lines_are_skipped_and_named_or_stop(inputs, tiny_config, tm
     record = {"id": "bad", "image": "x.png", "caption": "" if kind == "empty caption" else "CAFE"}
     captions.write_bytes(jsonl_with(rows, record, kind))
     tok = build_tokenizer(config, corpus, captions, tmp_path / "tok")
-    assert report_items(tmp_path / "tok" / "bad_inputs.json") == {("captions.jsonl", 3, kind)}
+    assert report_items(tmp_path / "tok.bad_inputs.json") == {("captions.jsonl", 3, kind)}
     clean = tmp_path / "clean.jsonl"  # the same file without the bad line
     clean.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert build_tokenizer(config, corpus, clean, tmp_path / "clean").get_vocab() == tok.get_vocab()

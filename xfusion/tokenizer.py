@@ -12,8 +12,8 @@ must then resize its embeddings, which `image_token_ids` makes visible as ids >=
 `python -m xfusion.tokenizer --config C --corpus R/world/corpus.txt --captions R/captions/train.jsonl --out R/tokenizer`
 
 The captions are user data (`data.bad_input_policy`, xfusion.data): an undecodable or incomplete
-line or an empty caption is left out and named in `<out>/bad_inputs.json` (skip), or stops the
-job naming it (stop).
+line or an empty caption is left out and named in `<out>.bad_inputs.json` beside the tokenizer
+dir (skip), or stops the job naming it (stop).
 
 MMLU scoring needs the log-likelihood of " A" .. " D" after "Answer:", so each letter after a
 space must be one token: the byte-level pre-tokenizer splits " A" off as its own word and the
@@ -120,7 +120,7 @@ def build_tokenizer(config: str | Path, corpus: Path, captions: Path,
     check_answer_letters(tok)
     with atomic_dir(out) as tmp:
         tok.save_pretrained(tmp)
-    bad.finish(report_path(out, is_dir=True))
+    bad.finish(report_path(out))
     return tok
 
 

@@ -7,8 +7,9 @@ Bad inputs (`data.bad_input_policy`): every stage that reads user data reads it 
 object, a key missing), a missing, corrupt or truncated image, or an empty caption. `skip`
 leaves it out, names it (file, and line for a jsonl line) in the stage's report and continues;
 `stop` exits at the first one, naming it and the config key. The report is
-`report_path(<stage output>)`: `bad_inputs.json` inside a stage's output directory (folder,
-tokenizer), `<stem>.bad_inputs.json` beside a stage's output file (caption, latents)."""
+`report_path(<stage output>)`: `<stem>.bad_inputs.json` beside the stage's output file or
+directory (caption, tokenizer, latents, T2I sampling), except the folder reader's, which is
+`bad_inputs.json` inside the world directory it fills."""
 
 from __future__ import annotations
 
@@ -111,7 +112,8 @@ class BadInputs:
 
 
 def report_path(out: str | Path, is_dir: bool = False) -> Path:
-    """Where a stage writing `out` reports its bad inputs (module docstring)."""
+    """Where a stage writing `out` reports its bad inputs: inside `out` (`is_dir`: the folder
+    reader's world dir) or beside it (module docstring)."""
     out = Path(out)
     return out / "bad_inputs.json" if is_dir else out.with_name(out.stem + ".bad_inputs.json")
 
@@ -155,6 +157,13 @@ def captioned_records(path: str | Path, bad: BadInputs,
         else:
             records.append((line, row))
     return records
+
+
+def records_by_id(path: str | Path, keys: tuple[str, ...] = ()) -> dict[str, dict]:
+    """The records of a data stage's jsonl by `id`, for a reader that takes the ids from the
+    latents: lines that do not decode are passed over, the latents stage named them (under
+    `stop` it stopped there) and left them out."""
+    return {row["id"]: row for _, row in read_records(path, BadInputs("skip"), ("id", *keys))}
 
 
 def read_image(path: str | Path, bad: BadInputs, named_at: str | None = None
