@@ -37,6 +37,7 @@ from transformers import AutoProcessor, CLIPModel
 
 from eval.common import (batches, device, load_config, load_images, metric_parser, read_pairs,
                          resolve_evaluator, write_metric)
+from xfusion.data import BadInputs, report_path
 
 
 def load_clip(name_or_path: str) -> tuple[CLIPModel, AutoProcessor]:
@@ -85,10 +86,12 @@ def main(argv: list[str] | None = None) -> dict:
                    '({"index", "id", "prompt", "file"})')
     args = p.parse_args(argv)
     cfg = load_config(args)
-    paths, prompts, _ = read_pairs(args.samples, "prompt", image_key="file")
+    bad = BadInputs(cfg.data.bad_input_policy)
+    paths, prompts, _ = read_pairs(args.samples, "prompt", bad, image_key="file")
     name = resolve_evaluator(cfg.evaluation.clip_model, args.judges)
     model, processor = load_clip(name)
     scores = clip_scores(model, processor, load_images(paths), prompts, args.batch_size)
+    bad.finish(report_path(args.out))
     return write_metric(args.out, "clip", scores.mean().item(), cfg=cfg, job="clip_score",
                         run=args.run, step=args.step,
                         n=len(scores), details={"model": cfg.evaluation.clip_model,

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
+from bad_files import assert_stops_naming, jsonl_with, report_items, write_image_of, write_png
 from eval import clip_score
-from eval.common import load_images
+from eval.common import load_images, read_pairs
 from test_judges import trained_judges
+from xfusion.data import BadInputs
 from xfusion.io import atomic_write_jsonl, read_jsonl
 
 
@@ -73,3 +76,26 @@ def test_each_pair_is_clipped_before_the_mean_unlike_torchmetrics(monkeypatch):
     assert torch.allclose(scores, torch.tensor([80.0, 0.0]))
     assert abs(scores.mean().item() - (100 * cos).clamp(min=0).mean().item()) < 1e-5
     assert abs(scores.mean().item() - max((100 * cos).mean().item(), 0)) > 25  # not the clipped mean
+
+
+@pytest.mark.parametrize("kind", ["corrupt image", "truncated image", "undecodable line",
+                                  "incomplete record"])
+def test_pairs_that_are_bad_inputs_are_left_out_and_named_or_stop(tmp_path, kind):
+    rows = [{"index": i, "prompt": f"p{i}", "file": str(write_png(tmp_path / f"{i}.png", i))}
+            for i in range(3)]
+    image = write_image_of(kind, tmp_path / "bad.png")
+    record = {"index": 9, "prompt": "CAFE", "file": str(image)}
+    if kind == "incomplete record":
+        del record["prompt"]
+    index = tmp_path / "index.jsonl"
+    index.write_bytes(jsonl_with(rows, record, kind))
+    bad = BadInputs("skip")
+    paths, prompts, _ = read_pairs(index, "prompt", bad, image_key="file")
+    assert [p.name for p in paths] == ["0.png", "1.png", "2.png"] and prompts == ["p0", "p1", "p2"]
+    bad.finish(tmp_path / "clip.bad_inputs.json")
+    expected = ({("bad.png", None, "corrupt image")} if kind.endswith("image")
+                else {("index.jsonl", 3, kind)})
+    assert report_items(tmp_path / "clip.bad_inputs.json") == expected
+    where = str(image) if kind.endswith("image") else f"{index}:3"
+    assert_stops_naming(lambda: read_pairs(index, "prompt", BadInputs("stop"), image_key="file"),
+                        where)
