@@ -161,7 +161,8 @@ def test_t2i_prompts_that_are_bad_inputs_are_skipped_and_named_or_stop(tiny_xfus
     prompts = tmp_path / "captions.jsonl"
     rows = [{"id": f"im{i}", "image": f"im{i}.png", "caption": f"a red square {i}"}
             for i in range(3)]
-    record = {"id": "bad", "image": "bad.png", "caption": " " if kind == "empty caption" else "CAFE"}
+    record = {"id": "bad", "image": "bad.png",
+              "caption": " " if kind == "empty caption" else "CAFE"}
     prompts.write_bytes(jsonl_with(rows, record, kind))
     ev = dataclasses.replace(model.cfg.evaluation, n_samples=3, sample_batch_size=2,
                              sample_steps=2)

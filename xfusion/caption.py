@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from xfusion.config import CaptionerConfig, load_run
 from xfusion.data import BadInputs, caption_text, read_records, record_image, report_path
-from xfusion.io import atomic_write_jsonl, read_jsonl
+from xfusion.io import atomic_write_jsonl
 
 OPENINGS = ("The image shows {n} on a plain light grey background.",
             "This picture contains {n} drawn on a plain light grey background.",

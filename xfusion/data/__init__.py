@@ -1,14 +1,14 @@
 """Data stage helpers shared by the world generator, the folder reader, the captioner and the
 latent encoder: image paths in jsonl records, PNG I/O, and the bad-input policy.
 
-Bad inputs (`data.bad_input_policy`): every stage that reads user data reads it through
-`read_records` (jsonl lines), `captioned_records` (captions), `read_image` / `record_image`
-(image files) with one `BadInputs`. A bad item is an undecodable or incomplete jsonl line (not UTF-8, not a JSON
-object, a key missing), a missing, corrupt or truncated image, or an empty caption. `skip`
-leaves it out, names it (file, and line for a jsonl line) in the stage's report and continues;
-`stop` exits at the first one, naming it and the config key. The report is
-`report_path(<stage output>)`: `<stem>.bad_inputs.json` beside the stage's output file or
-directory (caption, tokenizer, latents, T2I sampling), except the folder reader's, which is
+Bad inputs (`data.bad_input_policy`): every stage that reads user data reads it with one
+`BadInputs` through `read_records` (jsonl lines), `captioned_records` (captions) and
+`read_image` / `record_image` (image files). A bad item is an undecodable or incomplete jsonl
+line (not UTF-8, not a JSON object, a key missing), a missing, corrupt or truncated image, or an
+empty caption. `skip` leaves it out, names it (file, and line for a jsonl line) in the stage's
+report and continues; `stop` exits at the first one, naming it and the config key. The report
+is `report_path(<stage output>)`: `<stem>.bad_inputs.json` beside the stage's output file or
+directory (caption, tokenizer, latents, T2I sampling, metrics), except the folder reader's,
 `bad_inputs.json` inside the world directory it fills."""
 
 from __future__ import annotations
@@ -160,9 +160,9 @@ def captioned_records(path: str | Path, bad: BadInputs,
 
 
 def records_by_id(path: str | Path, keys: tuple[str, ...] = ()) -> dict[str, dict]:
-    """The records of a data stage's jsonl by `id`, for a reader that takes the ids from the
-    latents: lines that do not decode are passed over, the latents stage named them (under
-    `stop` it stopped there) and left them out."""
+    """The records of a data stage's jsonl by `id`, for a reader that takes its ids from the
+    latents: lines that do not decode are passed over, since the stages upstream of the latents
+    (caption reads the scenes, latents the captions) named them and left them out, or stopped."""
     return {row["id"]: row for _, row in read_records(path, BadInputs("skip"), ("id", *keys))}
 
 
