@@ -1,10 +1,18 @@
 """CLIP score of text-to-image samples: 100 * max(cos(image, text), 0), averaged over pairs.
 
+Each pair's cosine is clipped at 0 before the mean: the CLIP score as Hessel et al. define it
+(CLIP-S, 2021). X-Fusion reports "CLIP scores" (Table 1 and the supplementary) citing CLIP itself
+(Radford et al.) without a formula, so we take the metric's defining paper. torchmetrics'
+`CLIPScore` differs: it averages the raw cosines and clips the mean, `max(mean(100 * cos), 0)`,
+so there a pair with a negative cosine pulls the value down and here it counts as 0; the two
+agree only when no pair's cosine is negative. Like torchmetrics and the T2I literature we scale
+by 100 where CLIP-S scales by w = 2.5.
+
 References:
 - Hessel et al., "CLIPScore: A Reference-free Evaluation Metric for Image Captioning",
-  EMNLP 2021 (arXiv:2104.08718): cosine of CLIP embeddings clipped at 0. CLIP-S rescales by
-  w = 2.5; like torchmetrics' `CLIPScore` and the T2I literature (X-Fusion Table 1) we report
-  100 * cos instead.
+  EMNLP 2021 (arXiv:2104.08718): CLIP-S(c, v) = w * max(cos(c, v), 0) per pair, then the
+  corpus mean.
+- torchmetrics `multimodal.CLIPScore.compute`: `max(score / n_samples, 0)`, the clipped mean.
 - Radford et al., "Learning Transferable Visual Models From Natural Language Supervision",
   ICML 2021 (CLIP); transformers' `CLIPModel.get_{image,text}_features`.
 
@@ -29,6 +37,7 @@ from transformers import AutoProcessor, CLIPModel
 
 from eval.common import (batches, device, load_config, load_images, metric_parser, read_pairs,
                          resolve_evaluator, write_metric)
+from xfusion.data import BadInputs, report_path
 
 
 def load_clip(name_or_path: str) -> tuple[CLIPModel, AutoProcessor]:
@@ -63,7 +72,7 @@ def clip_features(model: CLIPModel, processor, *, images: Sequence[Image.Image] 
 
 def clip_scores(model: CLIPModel, processor, images: Sequence[Image.Image],
                 texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-    """Per-pair CLIP score 100 * max(cos, 0): (N,)."""
+    """Per-pair CLIP score 100 * max(cos, 0): (N,); the metric is their mean (module docstring)."""
     if len(images) != len(texts):
         raise ValueError(f"clip_scores: {len(images)} images but {len(texts)} texts")
     img = clip_features(model, processor, images=images, batch_size=batch_size, desc="CLIP images")
@@ -77,10 +86,12 @@ def main(argv: list[str] | None = None) -> dict:
                    '({"index", "id", "prompt", "file"})')
     args = p.parse_args(argv)
     cfg = load_config(args)
-    paths, prompts, _ = read_pairs(args.samples, "prompt", image_key="file")
+    bad = BadInputs(cfg.data.bad_input_policy)
+    paths, prompts, _ = read_pairs(args.samples, "prompt", bad, image_key="file")
     name = resolve_evaluator(cfg.evaluation.clip_model, args.judges)
     model, processor = load_clip(name)
     scores = clip_scores(model, processor, load_images(paths), prompts, args.batch_size)
+    bad.finish(report_path(args.out))
     return write_metric(args.out, "clip", scores.mean().item(), cfg=cfg, job="clip_score",
                         run=args.run, step=args.step,
                         n=len(scores), details={"model": cfg.evaluation.clip_model,

@@ -6,6 +6,9 @@ Every `python -m eval.<metric>` writes one JSON (docs/INTERFACES.md, "Metrics"):
 hashes of what the number depends on (xfusion.config.READS): `train`, the run's train recipe (null
 without a run), and `eval`, the config the evaluation and its sampling read.
 
+Image-text pairs files are user data read under `data.bad_input_policy` (`read_pairs`,
+xfusion.data): a metric's skip report is `<metric>.bad_inputs.json` beside its JSON.
+
 Evaluators are named in the config either by a pretrained path / hub id (paper scale) or by
 `judge_clip` / `judge_itm`, the tiny-scale stand-ins that `eval.judges` trains into
 `R/judges/{clip,itm}/`.
@@ -21,8 +24,8 @@ import torch
 from PIL import Image
 
 from xfusion.config import METRICS, RunConfig, load_run, recipe_hash, train_recipe
-from xfusion.data import resolve_image
-from xfusion.io import atomic_write_json, read_jsonl
+from xfusion.data import BadInputs, read_records, record_image, resolve_image
+from xfusion.io import atomic_write_json
 from xfusion.tracking import log_metrics
 
 # Names in `evaluation.{clip_model, itm_model, fid_extractor, bertscore_model}` that mean "the
@@ -102,17 +105,17 @@ def load_images(paths: Sequence[str | Path]) -> list[Image.Image]:
     return [Image.open(p).convert("RGB") for p in paths]
 
 
-def read_pairs(path: str | Path, text_key: str,
+def read_pairs(path: str | Path, text_key: str, bad: BadInputs,
                image_key: str = "image") -> tuple[list[Path], list[str], list[dict]]:
-    """(image paths, texts, rows) of a JSONL of image-text pairs (captions, samples index)."""
-    rows = read_jsonl(path)
-    if not rows:
-        raise SystemExit(f"{path}: empty; nothing to evaluate")
-    missing = [i for i, r in enumerate(rows) if text_key not in r or image_key not in r]
-    if missing:
-        raise SystemExit(f"{path}: line {missing[0] + 1} lacks {text_key!r} or {image_key!r}")
-    images = [resolve_image(r[image_key], path) for r in rows]
-    return images, [r[text_key] for r in rows], rows
+    """(image paths, texts, rows) of a JSONL of image-text pairs (captions, samples index). A
+    line that does not decode or lacks a key, or an image that is missing or not whole, is a
+    bad input (`bad`, under `data.bad_input_policy`): left out, or a stop naming it."""
+    pairs = [(line, row) for line, row in read_records(path, bad, keys=(text_key, image_key))
+             if record_image(row, path, line, bad, key=image_key) is not None]
+    if not pairs:
+        raise SystemExit(f"{path}: no image-text pair to evaluate")
+    rows = [row for _, row in pairs]
+    return [resolve_image(r[image_key], path) for r in rows], [r[text_key] for r in rows], rows
 
 
 def batches(n: int, size: int) -> list[slice]:

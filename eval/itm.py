@@ -39,6 +39,7 @@ from transformers import AutoProcessor, Blip2ForImageTextRetrieval
 
 from eval.common import (batches, device, load_config, load_images, metric_parser, read_pairs,
                          resolve_evaluator, write_metric)
+from xfusion.data import BadInputs, report_path
 from xfusion.io import atomic_write_jsonl
 
 LAVIS_SCRIPT = Path(__file__).with_name("lavis_itm.py")
@@ -105,8 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
                                                             ".envs/lavis/bin/python"))
     args = p.parse_args(argv)
     cfg = load_config(args)
+    bad = BadInputs(cfg.data.bad_input_policy)
     e = cfg.evaluation
-    paths, captions, _ = read_pairs(args.captions, "caption")
+    paths, captions, _ = read_pairs(args.captions, "caption", bad)
     if e.itm_backend == "lavis":
         probs = lavis_match_probs(paths, captions, args.lavis_python, args.batch_size)
         model_name = "lavis:blip2_image_text_matching/pretrain"
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         probs = itm_match_probs(model, processor, load_images(paths), captions, args.batch_size)
         model_name = e.itm_model
     scores = 100.0 * probs
+    bad.finish(report_path(args.out))
     return write_metric(args.out, "blip", scores.mean().item(), cfg=cfg, job="itm",
                         run=args.run, step=args.step,
                         n=len(scores), details={"backend": e.itm_backend, "model": model_name,

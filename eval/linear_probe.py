@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from eval.common import load_config, load_xfusion, metric_parser, write_metric
-from xfusion.io import read_jsonl
+from xfusion.data import records_by_id
 from xfusion.latents import load_latents
 from xfusion.model.sequence import encode_captions
 
@@ -94,8 +94,8 @@ def split_inputs(scenes: str, latents: str, captions: str, tokenizer, max_tokens
     """Latents, prompts (caption ids as training holds them) and label dicts of one split, in
     the latents file's order."""
     x, ids = load_latents(latents)
-    rows = {r["id"]: r for r in read_jsonl(scenes)}
-    caps = {r["id"]: r["caption"] for r in read_jsonl(captions)}
+    rows = records_by_id(scenes)  # ids from the latents: the data stages checked these lines
+    caps = {i: r["caption"] for i, r in records_by_id(captions, ("caption",)).items()}
     missing = [i for i in ids if i not in rows or i not in caps]
     if missing:
         raise SystemExit(f"{latents}: {len(missing)} ids lack a scene in {scenes} or a caption in "

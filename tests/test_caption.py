@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bad_files import KINDS, assert_stops_naming, jsonl_with, report_items, write_image_of
 from xfusion.caption import HFCaptioner, caption_file, scene_caption
 from xfusion.config import CaptionerConfig
 from xfusion.io import read_jsonl
@@ -53,31 +54,56 @@ def test_scene_backend_writes_one_caption_per_scene_in_order(tmp_path):
     assert [r["id"] for r in read_jsonl(out)] == ["im0", "im1", "im2"]
 
 
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def save_random_captioner(model, processor, path: Path) -> str:
+    """Save a random model and its processor; a random model may stop at once or emit only
+    special tokens, so force a few real words: the tests check plumbing, not luck."""
+    model.generation_config.min_new_tokens = 3
+    model.generation_config.suppress_tokens = [0, 1, 2, 4]
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def tiny_blip(tmp_path_factory) -> str:
     """A randomly initialised BLIP captioner with a locally built processor, saved to disk."""
     from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration,
                               BlipImageProcessor, BlipProcessor)
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = BertTokenizer(vocab={t: i for i, t in enumerate(specials + WORDS)})
+    tok = BertTokenizer(vocab={t: i for i, t in enumerate(SPECIALS + WORDS)})
     processor = BlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}), tok)
     config = BlipConfig(
-        text_config=dict(vocab_size=len(specials + WORDS), hidden_size=32, num_hidden_layers=1,
+        text_config=dict(vocab_size=len(SPECIALS + WORDS), hidden_size=32, num_hidden_layers=1,
                          num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
                          bos_token_id=2, sep_token_id=3, pad_token_id=0),
         vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                            intermediate_size=64, image_size=32, patch_size=16),
         projection_dim=32)
     torch.manual_seed(0)
-    model = BlipForConditionalGeneration(config)
-    # A random model may stop at once or emit only special tokens; force a few real words so the
-    # test checks plumbing, not luck.
-    model.generation_config.min_new_tokens = 3
-    model.generation_config.suppress_tokens = [0, 1, 2, 4]
-    path = tmp_path_factory.mktemp("blip") / "tiny_blip"
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return str(path)
+    return save_random_captioner(BlipForConditionalGeneration(config), processor,
+                                 tmp_path_factory.mktemp("blip") / "tiny_blip")
+
+
+@pytest.fixture(scope="module")
+def tiny_git(tmp_path_factory) -> str:
+    """A randomly initialised GIT captioner (decoder-only; its processor's BERT tokenizer returns
+    `token_type_ids`, which GIT's generate rejects), saved to disk."""
+    from transformers import (BertTokenizer, CLIPImageProcessor, GitConfig, GitForCausalLM,
+                              GitProcessor)
+    tok = BertTokenizer(vocab={t: i for i, t in enumerate(SPECIALS + WORDS)})
+    processor = GitProcessor(CLIPImageProcessor(size={"shortest_edge": 32},
+                                                crop_size={"height": 32, "width": 32}), tok)
+    config = GitConfig(
+        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64, image_size=32, patch_size=16),
+        vocab_size=len(SPECIALS + WORDS), hidden_size=32, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+        bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    torch.manual_seed(0)
+    return save_random_captioner(GitForCausalLM(config), processor,
+                                 tmp_path_factory.mktemp("git") / "tiny_git")
 
 
 def hf_config(model: str) -> CaptionerConfig:
@@ -119,3 +145,68 @@ def test_empty_caption_is_bad_input_skipped_or_stopping(tiny_blip, tmp_path, mon
     assert report["n_bad"] == 1 and "im0.png" in report["items"][0]["file"]
     with pytest.raises(SystemExit, match="im0.png"):
         caption_file(scenes, tmp_path / "captions" / "other.jsonl", hf_config(tiny_blip), "stop")
+
+
+def scenes_with(root: Path, kind: str) -> tuple[Path, set, str]:
+    """write_scenes' four images with one bad input of `kind` as the third record
+    (tests/bad_files.py). Returns the scenes file, the items a skip report must hold, and what
+    a stop must name."""
+    scenes = write_scenes(root, 4)
+    # 33 px wide: the stand-in captioner of the empty-caption case finds it by its size
+    image = write_image_of(kind, root / "world" / "train" / "images" / "bad.png", (33, 32))
+    record = {"id": "bad", "image": "world/train/images/bad.png", "scene": SCENE,
+              "labels": None, "short_caption": "CAFE"}
+    scenes.write_bytes(jsonl_with(read_jsonl(scenes), record, kind))
+    if kind == "undecodable line":
+        return scenes, {("scenes.jsonl", 3, kind)}, f"{scenes}:3"
+    if kind == "empty caption":
+        return scenes, {("bad.png", None, kind)}, record["image"]
+    return scenes, {("bad.png", None, "corrupt image")}, str(image.resolve())
+
+
+def caption_empty_for_33px_images(monkeypatch) -> None:
+    original = HFCaptioner.__call__
+    monkeypatch.setattr(HFCaptioner, "__call__", lambda self, images: [
+        "" if img.size == (33, 32) else c for img, c in zip(images, original(self, images))])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_skip_leaves_bad_inputs_out_and_a_resumed_run_reports_them_again(
+        tiny_blip, tmp_path, monkeypatch, kind):
+    caption_empty_for_33px_images(monkeypatch)
+    scenes, expected, _ = scenes_with(tmp_path, kind)
+    out = tmp_path / "captions" / "train.jsonl"
+    assert caption_file(scenes, out, hf_config(tiny_blip), "skip") == 4
+    assert [r["id"] for r in read_jsonl(out)] == ["im0", "im1", "im2", "im3"]
+    report = out.parent / "train.bad_inputs.json"
+    assert report_items(report) == expected
+    report.unlink()
+    out.unlink()  # a rerun after a kill: every shard is on disk, no image is read again
+    monkeypatch.setattr(HFCaptioner, "__init__", None)  # would fail if the model were loaded
+    assert caption_file(scenes, out, hf_config(tiny_blip), "skip") == 4
+    assert report_items(report) == expected
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_stop_exits_at_the_bad_input_naming_it(tiny_blip, tmp_path, monkeypatch, kind):
+    caption_empty_for_33px_images(monkeypatch)
+    scenes, _, where = scenes_with(tmp_path, kind)
+    out = tmp_path / "captions" / "train.jsonl"
+    assert_stops_naming(lambda: caption_file(scenes, out, hf_config(tiny_blip), "stop"), where)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("family", ["tiny_blip", "tiny_git"])
+def test_hf_backend_passes_generate_only_the_inputs_it_takes(family, request, tmp_path):
+    model = request.getfixturevalue(family)
+    captioner = HFCaptioner(hf_config(model))
+    inputs = captioner.processor(images=[Image.new("RGB", (32, 32))], text=[captioner.prompt],
+                                 return_tensors="pt", padding=True)
+    taken = set(inputs) & captioner.input_names
+    assert {"pixel_values", "input_ids", "attention_mask"} <= taken
+    if family == "tiny_git":  # the BERT tokenizer's extra output, which GIT's forward lacks
+        assert "token_type_ids" in inputs and "token_type_ids" not in captioner.input_names
+    scenes = write_scenes(tmp_path, 3)
+    out = tmp_path / "captions" / "train.jsonl"
+    assert caption_file(scenes, out, hf_config(model), "stop") == 3
+    assert all(set(r["caption"].split()) <= set(WORDS) and r["caption"] for r in read_jsonl(out))

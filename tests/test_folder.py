@@ -3,8 +3,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
+from bad_files import (KINDS, assert_stops_naming, jsonl_with, report_items, write_image_of,
+                       write_png)
 from xfusion.data.folder import prepare_folder
 from xfusion.io import read_jsonl
 
@@ -81,3 +84,41 @@ def test_stop_policy_exits_nonzero_naming_the_file(tiny_config, tmp_path):
                             capture_output=True, text=True)
     assert result.returncode != 0
     assert "corrupt.png" in result.stderr and "bad_input_policy" in result.stderr
+
+
+def folder_with(root: Path, kind: str) -> tuple[Path, set, str]:
+    """Four good images plus one bad input of `kind` (tests/bad_files.py) in an image folder
+    with captions.jsonl. Returns the folder, the items a skip report must hold, and what a stop
+    must name."""
+    images = root / "images"
+    rows = [{"file": write_png(images / f"a{i}.png", seed=i).name, "caption": f"a photo {i}"}
+            for i in range(4)]
+    write_image_of(kind, images / "bad.png")
+    record = {"file": "bad.png", "caption": "" if kind == "empty caption" else "a photo CAFE"}
+    (images / "captions.jsonl").write_bytes(jsonl_with(rows, record, kind))
+    if kind == "undecodable line":  # the line, then its image, which now has no caption
+        return images, {("captions.jsonl", 3, kind), ("bad.png", None, "missing caption")}, \
+            f"{images / 'captions.jsonl'}:3"
+    expected_kind = "corrupt image" if kind == "truncated image" else kind
+    return images, {("bad.png", None, expected_kind)}, str(images / "bad.png")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_skip_reports_each_bad_input_by_file_and_line_and_keeps_the_rest(tmp_path, kind):
+    images, expected, _ = folder_with(tmp_path, kind)
+    out = tmp_path / "R" / "world"
+    assert prepare_folder(images, out, 16, 100, 1, 0, "skip") == {"heldout": 1, "train": 3}
+    assert report_items(out / "bad_inputs.json") == expected
+    ids = {r["id"] for s in ("train", "heldout") for r in read_jsonl(out / s / "scenes.jsonl")}
+    assert ids == {"a0", "a1", "a2", "a3"}
+    if kind == "truncated image":
+        reason = json.loads((out / "bad_inputs.json").read_text())["items"][0]["reason"]
+        assert "truncated" in reason
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_stop_exits_at_the_bad_input_naming_it(tmp_path, kind):
+    images, _, where = folder_with(tmp_path, kind)
+    out = tmp_path / "R" / "world"
+    assert_stops_naming(lambda: prepare_folder(images, out, 16, 100, 1, 0, "stop"), where)
+    assert not (out / "train" / "scenes.jsonl").exists()

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from bad_files import assert_stops_naming, jsonl_with, report_items
 from xfusion import sample
 from xfusion.config import ARCHITECTURES
 
@@ -150,3 +151,27 @@ def test_cli_samples_images_and_captions_from_a_saved_model_dir(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "i2t.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == ["im0", "im1"]
     assert rows[0]["reference"] == "a red square" and isinstance(rows[0]["caption"], str)
+
+
+@pytest.mark.parametrize("kind", ["empty caption", "undecodable line"])
+def test_t2i_prompts_that_are_bad_inputs_are_skipped_and_named_or_stop(tiny_xfusion, tmp_path,
+                                                                       kind):
+    model = trained_like(tiny_xfusion("dual_tower", PIXEL_LATENTS))
+    model.tokenizer = StubTokenizer()
+    prompts = tmp_path / "captions.jsonl"
+    rows = [{"id": f"im{i}", "image": f"im{i}.png", "caption": f"a red square {i}"}
+            for i in range(3)]
+    record = {"id": "bad", "image": "bad.png",
+              "caption": " " if kind == "empty caption" else "CAFE"}
+    prompts.write_bytes(jsonl_with(rows, record, kind))
+    ev = dataclasses.replace(model.cfg.evaluation, n_samples=3, sample_batch_size=2,
+                             sample_steps=2)
+    out = tmp_path / "t2i"
+    sample.sample_t2i(model, ev, prompts, out, seed=0, policy="skip")
+    index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["id"], r["file"]) for r in index] == [
+        (0, "im0", "0.png"), (1, "im1", "1.png"), (2, "im2", "2.png")]
+    assert report_items(tmp_path / "t2i.bad_inputs.json") == {("captions.jsonl", 3, kind)}
+    assert_stops_naming(lambda: sample.sample_t2i(model, ev, prompts, tmp_path / "stop", seed=0,
+                                                  policy="stop"), f"{prompts}:3")
+    assert not (tmp_path / "stop" / "index.jsonl").exists()

@@ -3,9 +3,11 @@ from pathlib import Path
 
 import pytest
 
+from bad_files import assert_stops_naming, jsonl_with, report_items
 from xfusion.caption import scene_caption
 from xfusion.config import load_run
 from xfusion.data.world import sample_scene, write_text_data
+from xfusion.io import read_jsonl
 from xfusion.tokenizer import (ANSWER_LETTERS, BOI_TOKEN, EOI_TOKEN, LLAMA3_IMAGE_TOKENS,
                                build_tokenizer, image_token_ids, load_tokenizer)
 
@@ -92,3 +94,20 @@ def test_other_pretrained_tokenizer_gets_new_image_tokens(tiny_config, tmp_path)
     tok = load_tokenizer(tmp_path / "tok")
     vocab = tok.get_vocab()
     assert image_token_ids(tok) == (vocab[BOI_TOKEN], vocab[EOI_TOKEN])
+
+
+@pytest.mark.parametrize("kind", ["empty caption", "undecodable line"])
+def test_bad_caption_lines_are_skipped_and_named_or_stop(inputs, tiny_config, tmp_path, kind):
+    config, corpus, captions = inputs
+    rows = read_jsonl(captions)
+    record = {"id": "bad", "image": "x.png", "caption": "" if kind == "empty caption" else "CAFE"}
+    captions.write_bytes(jsonl_with(rows, record, kind))
+    tok = build_tokenizer(config, corpus, captions, tmp_path / "tok")
+    assert report_items(tmp_path / "tok.bad_inputs.json") == {("captions.jsonl", 3, kind)}
+    clean = tmp_path / "clean.jsonl"  # the same file without the bad line
+    clean.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert build_tokenizer(config, corpus, clean, tmp_path / "clean").get_vocab() == tok.get_vocab()
+    stop = tiny_config({"data.n_corpus_facts": 400, "data.bad_input_policy": "stop"}, "stop.yaml")
+    assert_stops_naming(lambda: build_tokenizer(stop, corpus, captions, tmp_path / "tok2"),
+                        f"{captions}:3")
+    assert not (tmp_path / "tok2").exists()

@@ -320,3 +320,66 @@ def test_resume_after_a_recipe_change_sets_the_old_run_aside_and_trains_afresh(w
     # The same recipe again: already trained, nothing moved.
     train.train(train.parse_args(_argv({**world, "config": changed}, out)))
     assert sorted(p.name for p in (out / "superseded").iterdir()) == [old]
+
+
+class Killed(BaseException):
+    """A kill at a chosen point of an in-process run (BaseException: no handler catches it)."""
+
+
+def _log_rows(out: Path) -> list[dict]:
+    # tokens_per_s is wall-clock, not state: every other field is bitwise on CPU fp32 resume
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"}
+            for r in read_jsonl(out / "train_log.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_log(world, tmp_path_factory) -> list[dict]:
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    out = tmp_path_factory.mktemp("uninterrupted") / "runs" / "dual_tower"
+    train.train(train.parse_args(_argv(world, out)))
+    return _log_rows(out)
+
+
+@pytest.mark.parametrize("point", ["before the first checkpoint", "just after a checkpoint",
+                                   "mid-way", "mid-way, in the middle of a log write"])
+def test_a_rerun_after_a_kill_leaves_the_uninterrupted_log(world, tmp_path, monkeypatch,
+                                                           uninterrupted_log, point):
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    out = tmp_path / "R" / "runs" / "dual_tower"
+    # checkpoint_every 3, log_every 1: "before" dies in step 3 with rows 1-2 and no checkpoint;
+    # "just after" right after checkpoint 6 is written (before steps/6); "mid-way" in step 9.
+    rows_at_kill = {"before the first checkpoint": 2, "mid-way": 8,
+                    "mid-way, in the middle of a log write": 8}.get(point)
+    with monkeypatch.context() as patch:
+        if rows_at_kill is None:
+            save = checkpoint.save
+
+            def save_then_die(root, step, **kwargs):
+                save(root, step, **kwargs)
+                if step == 6:
+                    raise Killed
+
+            patch.setattr(checkpoint, "save", save_then_die)
+        else:
+            compute_loss = XFusionModel.compute_loss
+
+            def die_at_row(self, batch):
+                log = out / "train_log.jsonl"
+                if log.is_file() and len(read_jsonl(log)) == rows_at_kill:
+                    raise Killed
+                return compute_loss(self, batch)
+
+            patch.setattr(XFusionModel, "compute_loss", die_at_row)
+        with pytest.raises(Killed):
+            train.train(train.parse_args(_argv(world, out)))
+    killed_log = _log_rows(out)
+    assert killed_log == uninterrupted_log[:len(killed_log)] and not (out / "done.json").exists()
+    if point.endswith("log write"):  # the row of step 9, cut short by the kill
+        with open(out / "train_log.jsonl", "a") as fh:
+            fh.write('{"step": 9, "loss": 0.4')
+    if point == "before the first checkpoint":
+        assert checkpoint.latest(out / "checkpoints") is None and len(killed_log) == 2
+
+    train.train(train.parse_args(_argv(world, out)))
+    assert _log_rows(out) == uninterrupted_log
+    assert [r["step"] for r in uninterrupted_log] == list(range(1, STEPS + 1))

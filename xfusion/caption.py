@@ -8,11 +8,15 @@ Backends (`data.captioner.backend`):
          size, shape and position, and the relations). The phrasing varies between images but is
          chosen by a generator seeded with the image id, so one input always gives one caption.
   hf     any transformers image-text-to-text model (InternVL2 at paper scale, a local path or hub
-         id in `data.captioner.model`), batched, greedy, resumable: every `shard_size` images form a
+         id in `data.captioner.model`), batched, greedy, given only the processor outputs its
+         `generate` takes (`generate_input_names`), resumable: every `shard_size` images form a
          shard written atomically under `<out>.shards/`; a rerun skips the shards already there and
          the shards are merged into `<out>` in input order at the end.
-An empty caption is a bad input (`data.bad_input_policy`); the skip report goes to
-`<out stem>.bad_inputs.json` beside `<out>`.
+Bad inputs (xfusion.data, `data.bad_input_policy`): an undecodable or incomplete line of the
+scenes file, a missing, corrupt or truncated image (hf backend), an empty caption from the
+captioner. `skip` leaves them out of `<out>` and names each (file, line) in
+`<out stem>.bad_inputs.json` beside it; `stop` exits naming the first. A shard keeps a marker
+row for each bad image it left out, so a resumed run reports the same items.
 
 References: X-Fusion (Mo et al., 2025) Sec. 4 and Supp. E (long vs short captions);
 transformers' image-text-to-text pipeline (processor + generate).
@@ -21,7 +25,9 @@ transformers' image-text-to-text pipeline (processor + generate).
 from __future__ import annotations
 
 import argparse
+import inspect
 import random
+import sys
 from pathlib import Path
 
 import torch
@@ -29,8 +35,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from xfusion.config import CaptionerConfig, load_run
-from xfusion.data import BadInputs, resolve_image
-from xfusion.io import atomic_write_jsonl, read_jsonl
+from xfusion.data import BadInputs, caption_text, read_records, record_image, report_path
+from xfusion.io import atomic_write_jsonl
 
 OPENINGS = ("The image shows {n} on a plain light grey background.",
             "This picture contains {n} drawn on a plain light grey background.",
@@ -76,8 +82,25 @@ def scene_caption(image_id: str, scene: dict) -> str:
     return " ".join(parts)
 
 
+def generate_input_names(model: torch.nn.Module) -> set[str]:
+    """The inputs `model.generate` takes by name: the named parameters of the model's
+    `prepare_inputs_for_generation` and `forward` (and its encoder's, for an encoder-decoder),
+    those transformers' own check of generate's keyword arguments reads. A processor may return
+    more (a BERT tokenizer's `token_type_ids`, which GIT's forward lacks and generate rejects)."""
+    def named(fn) -> set[str]:
+        return {n for n, p in inspect.signature(fn).parameters.items()
+                if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+    names = named(model.prepare_inputs_for_generation) | named(model.forward)
+    encoder = getattr(model, "encoder", None)
+    if model.config.is_encoder_decoder and encoder is not None:
+        names |= named(encoder.forward)
+    return names
+
+
 class HFCaptioner:
-    """Greedy captions from a transformers image-text-to-text model."""
+    """Greedy captions from a transformers image-text-to-text model; of the processor's outputs
+    only those the model's `generate` takes are passed (`generate_input_names`)."""
 
     def __init__(self, cfg: CaptionerConfig, device: str | None = None) -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -101,6 +124,8 @@ class HFCaptioner:
                 raise
             model = vision2seq.from_pretrained(cfg.model, dtype=dtype)
         self.model = model.to(self.device).eval()
+        self.input_names = generate_input_names(self.model)
+        self._dropped: set[str] = set()
         tokenizer = getattr(self.processor, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.padding_side = "left"  # decoder-only generation continues after the prompt
@@ -119,6 +144,11 @@ class HFCaptioner:
         inputs = self.processor(images=images, text=[self.prompt] * len(images),
                                 return_tensors="pt", padding=True)
         inputs = inputs.to(self.device, dtype=self.model.dtype)  # casts floating tensors only
+        if dropped := set(inputs) - self.input_names - self._dropped:
+            print(f"captioner {self.cfg.model}: its generate takes no {sorted(dropped)} (a "
+                  "processor output); not passed", file=sys.stderr)
+            self._dropped |= dropped
+        inputs = {k: v for k, v in inputs.items() if k in self.input_names}
         out = self.model.generate(**inputs, max_new_tokens=self.cfg.max_new_tokens,
                                   do_sample=False)  # (B, L_out)
         prompt_ids = inputs["input_ids"]  # (B, L_in)
@@ -139,50 +169,63 @@ class HFCaptioner:
         return captions
 
 
-def hf_captions(rows: list[dict], scenes_path: Path, out: Path,
-                cfg: CaptionerConfig) -> list[dict]:
-    """Caption `rows` shard by shard; shards already on disk are kept (resume after a kill)."""
+def hf_captions(records: list[tuple[int, dict]], scenes_path: Path, out: Path,
+                cfg: CaptionerConfig, bad: BadInputs) -> list[dict]:
+    """Caption `records` ((line, row) of the scenes file) shard by shard; shards already on disk
+    are kept (resume after a kill). A row whose image does not decode is a bad input: left out
+    of the captioning and kept in its shard as {"id", "image", "bad": {file, reason}}."""
     shard_dir = out.with_name(out.name + ".shards")
-    shards = [rows[i:i + cfg.shard_size] for i in range(0, len(rows), cfg.shard_size)]
+    shards = [records[i:i + cfg.shard_size] for i in range(0, len(records), cfg.shard_size)]
     todo = [k for k in range(len(shards)) if not (shard_dir / f"{k:06d}.jsonl").exists()]
     captioner = HFCaptioner(cfg) if todo else None
     with tqdm(total=sum(len(shards[k]) for k in todo), desc="caption", unit="img") as bar:
         for k in todo:
             captioned = []
             for i in range(0, len(shards[k]), cfg.batch_size):
-                batch = shards[k][i:i + cfg.batch_size]
-                images = []
-                for r in batch:
-                    with Image.open(resolve_image(r["image"], scenes_path)) as img:
-                        images.append(img.convert("RGB"))
+                batch, images = [], []
+                for line, r in shards[k][i:i + cfg.batch_size]:
+                    if (img := record_image(r, scenes_path, line, bad)) is None:
+                        captioned.append({"id": r["id"], "image": r["image"],
+                                          "bad": bad.items[-1]})
+                        continue
+                    batch.append(r)
+                    images.append(img)
+                captions = captioner(images) if images else []
                 captioned += [{"id": r["id"], "image": r["image"], "caption": c}
-                              for r, c in zip(batch, captioner(images))]
-                bar.update(len(batch))
+                              for r, c in zip(batch, captions)]
+                bar.update(len(shards[k][i:i + cfg.batch_size]))
             atomic_write_jsonl(shard_dir / f"{k:06d}.jsonl", captioned)
-    return [row for k in range(len(shards)) for row in read_jsonl(shard_dir / f"{k:06d}.jsonl")]
+    rows = [row for k in range(len(shards)) for _, row in
+            read_records(shard_dir / f"{k:06d}.jsonl", bad, keys=("id", "image"))]
+    for row in rows:  # bad images of shards from an earlier run: report them in this one too
+        if "bad" in row and row["bad"] not in bad.items:
+            bad.add(**row["bad"])
+    return [row for row in rows if "bad" not in row]
 
 
 def caption_file(scenes_path: Path, out: Path, cfg: CaptionerConfig, policy: str) -> int:
     """Write `out` from `scenes_path`; returns the number of captions written."""
-    rows = read_jsonl(scenes_path)
     bad = BadInputs(policy)
+    records = read_records(scenes_path, bad, keys=("id", "image"))
+    line_of = {r["id"]: n for n, r in records}
     if cfg.backend == "scene":
-        for r in rows:
+        for _, r in records:
             if r.get("scene") is None:
                 raise ValueError(f"{scenes_path}: record {r['id']} has no scene; the scene "
                                  "backend needs the tiny world (use data.captioner.backend: hf)")
         captioned = [{"id": r["id"], "image": r["image"],
-                      "caption": scene_caption(r["id"], r["scene"])} for r in rows]
+                      "caption": scene_caption(r["id"], r["scene"])} for _, r in records]
     else:
-        captioned = hf_captions(rows, scenes_path, out, cfg)
+        captioned = hf_captions(records, scenes_path, out, cfg, bad)
     kept = []
     for row in captioned:
-        if row["caption"].strip():
+        if caption_text(row.get("caption")) is not None:
             kept.append(row)
         else:
-            bad.add(row["image"], "empty caption: the captioner returned no text")
+            bad.add(row["image"], "empty caption: the captioner returned no text (named at "
+                    f"{scenes_path}:{line_of[row['id']]})")
     atomic_write_jsonl(out, kept)
-    bad.finish(out.with_name(out.stem + ".bad_inputs.json"))
+    bad.finish(report_path(out))
     return len(kept)
 
 

@@ -5,6 +5,11 @@ writes a safetensors file with one tensor `latents` (N, C, h, w), already shifte
 the codec, in the order of the captions file; metadata `ids` (JSON list of image ids) and `codec`
 (JSON of `model.codec`). `load_latents(path) -> (latents, ids)`.
 
+Bad inputs (xfusion.data, `data.bad_input_policy`): an undecodable or incomplete line of the
+captions file, an empty caption, a missing, corrupt or truncated image. `skip` leaves the record
+out of the latents (training then never sees it) and names each (file, line) in
+`<out stem>.bad_inputs.json` beside `<out>`; `stop` exits naming the first.
+
 References: X-Fusion Sec. 4 (VAE latents); DESIGN.md "Encode the dataset with the VAE once".
 """
 
@@ -12,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -21,19 +28,40 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from xfusion.codec import ImageCodec, build_codec
-from xfusion.config import load_run
-from xfusion.data import load_pixels, resolve_image
-from xfusion.io import atomic_path, read_jsonl
+from xfusion.config import RunConfig, load_run
+from xfusion.data import (BadInputs, captioned_records, load_pixels, record_image, report_path,
+                          to_pixels)
+from xfusion.io import atomic_path
+
+
+def encode_pixels(pixels: Iterable[torch.Tensor], codec: ImageCodec, batch_size: int,
+                  device: torch.device) -> torch.Tensor:
+    """(N, C, h, w) latents of a stream of (3, H, W) images, in order, `batch_size` at a time."""
+    chunks, batch = [], []
+    for px in pixels:
+        batch.append(px)
+        if len(batch) == batch_size:
+            chunks.append(codec.encode(torch.stack(batch).to(device)).cpu())  # (b, C, h, w)
+            batch = []
+    if batch:
+        chunks.append(codec.encode(torch.stack(batch).to(device)).cpu())
+    return torch.cat(chunks)
 
 
 def encode_images(paths: list[Path], codec: ImageCodec, image_size: int, batch_size: int,
                   device: torch.device) -> torch.Tensor:
     """(N, C, h, w) latents of the images at `paths`, in order."""
-    chunks = []
-    for i in tqdm(range(0, len(paths), batch_size), desc="encode", unit="batch"):
-        pixels = torch.stack([load_pixels(p, image_size) for p in paths[i:i + batch_size]])
-        chunks.append(codec.encode(pixels.to(device)).cpu())  # (b, C, h, w)
-    return torch.cat(chunks)
+    return encode_pixels((load_pixels(p, image_size) for p in paths), codec, batch_size, device)
+
+
+def usable_pixels(records: list[tuple[int, dict]], captions: Path, image_size: int,
+                  bad: BadInputs, ids: list[str]) -> Iterator[torch.Tensor]:
+    """Pixels of each record whose image is whole, in order; appends its id to `ids` as it
+    goes (the others are bad inputs)."""
+    for line, row in tqdm(records, desc="encode", unit="img"):
+        if (img := record_image(row, captions, line, bad)) is not None:
+            ids.append(row["id"])
+            yield to_pixels(img, row["image"], image_size)
 
 
 def save_latents(path: str | Path, latents: torch.Tensor, ids: list[str], codec_cfg: dict) -> None:
@@ -53,20 +81,33 @@ def load_latents(path: str | Path) -> tuple[torch.Tensor, list[str]]:
         return fh.get_tensor("latents"), json.loads(metadata["ids"])
 
 
+def encode_split(captions: Path, out: Path, cfg: RunConfig, device: torch.device) -> tuple:
+    """Write `out` (and its bad-input report) from the captions file; returns the latents' shape."""
+    bad = BadInputs(cfg.data.bad_input_policy)
+    records = captioned_records(captions, bad, keys=("id", "image"))
+    ids: list[str] = []
+    pixels = usable_pixels(records, captions, cfg.data.image_size, bad, ids)
+    if (first := next(pixels, None)) is None:
+        bad.finish(report_path(out))
+        raise SystemExit(f"{captions}: no record with a caption and a whole image; see "
+                         f"{report_path(out)}")
+    codec = build_codec(cfg.model.codec).to(device)
+    latents = encode_pixels(itertools.chain([first], pixels), codec,
+                            cfg.data.encode_batch_size, device)
+    save_latents(out, latents, ids, dataclasses.asdict(cfg.model.codec))
+    bad.finish(report_path(out))
+    return tuple(latents.shape)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Encode captioned images to latents once.")
     parser.add_argument("--config", required=True)
     parser.add_argument("--captions", required=True, type=Path, help="R/captions/<split>.jsonl")
     parser.add_argument("--out", required=True, type=Path, help="R/latents/<split>.safetensors")
     args = parser.parse_args()
-    cfg = load_run(args.config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = read_jsonl(args.captions)
-    paths = [resolve_image(r["image"], args.captions) for r in rows]
-    codec = build_codec(cfg.model.codec).to(device)
-    latents = encode_images(paths, codec, cfg.data.image_size, cfg.data.encode_batch_size, device)
-    save_latents(args.out, latents, [r["id"] for r in rows], dataclasses.asdict(cfg.model.codec))
-    print(f"wrote {tuple(latents.shape)} latents to {args.out}")
+    shape = encode_split(args.captions, args.out, load_run(args.config), device)
+    print(f"wrote {shape} latents to {args.out}")
 
 
 if __name__ == "__main__":

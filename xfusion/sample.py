@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from xfusion.config import EvaluationConfig, load_run
-from xfusion.data import save_png
+from xfusion.data import BadInputs, captioned_records, records_by_id, report_path, save_png
 from xfusion.io import atomic_path, atomic_write_jsonl, read_jsonl
 from xfusion.model.sequence import encode_captions, prompt_tokens
 from xfusion.model.towers import KVCache
@@ -189,13 +189,17 @@ def log_grid(out_dir: Path, model_dir: Path, entries: list[dict]) -> None:
 
 
 def sample_t2i(model: XFusionModel, ev: EvaluationConfig, prompts: Path, out_dir: Path,
-               seed: int) -> None:
+               seed: int, policy: str = "stop") -> None:
     """`<index>.png` + index.jsonl for the first `n_samples` prompts; existing PNGs are kept.
-    Sample i starts from noise seeded by (seed, i), so a resumed run gives the same images."""
+    Sample i starts from noise seeded by (seed, i), so a resumed run gives the same images.
+    Prompt lines that are bad inputs follow `policy` (`data.bad_input_policy`; the skip report
+    is `<out_dir>.bad_inputs.json` beside it)."""
     from xfusion.codec import build_codec
 
+    bad = BadInputs(policy)  # the prompts are user data: R/captions/heldout.jsonl
+    records = captioned_records(prompts, bad, keys=("id",))[:ev.n_samples]
     entries = [{"index": i, "id": r["id"], "prompt": r["caption"], "file": f"{i}.png"}
-               for i, r in enumerate(read_jsonl(prompts)[:ev.n_samples])]
+               for i, (_, r) in enumerate(records)]
     todo = [e for e in entries if not (out_dir / e["file"]).exists()]
     codec = build_codec(model.cfg.model.codec).to(model.device)
     shape = latent_shape(model)
@@ -212,6 +216,7 @@ def sample_t2i(model: XFusionModel, ev: EvaluationConfig, prompts: Path, out_dir
         for e, px in zip(batch, pixels):
             save_pixels(px, out_dir / e["file"])
     atomic_write_jsonl(out_dir / "index.jsonl", entries)
+    bad.finish(report_path(out_dir))  # beside, like the grid: FID reads every file inside
 
 
 def sample_i2t(model: XFusionModel, ev: EvaluationConfig, latents_path: Path, captions: Path,
@@ -220,7 +225,7 @@ def sample_i2t(model: XFusionModel, ev: EvaluationConfig, latents_path: Path, ca
     from xfusion.latents import load_latents
 
     latents, ids = load_latents(latents_path)
-    refs = {r["id"]: r for r in read_jsonl(captions)}
+    refs = records_by_id(captions)
     n = min(ev.n_samples, len(ids))
     generator = torch.Generator().manual_seed(seed)
     rows = []
@@ -256,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.mode == "t2i":
         if args.prompts is None:
             p.error("--mode t2i needs --prompts")
-        sample_t2i(model, ev, args.prompts, args.out, seed)
+        sample_t2i(model, ev, args.prompts, args.out, seed, settings.data.bad_input_policy)
         log_grid(args.out, Path(args.model), read_jsonl(args.out / "index.jsonl"))
     else:
         if args.latents is None or args.captions is None:

@@ -11,6 +11,10 @@ must then resize its embeddings, which `image_token_ids` makes visible as ids >=
 
 `python -m xfusion.tokenizer --config C --corpus R/world/corpus.txt --captions R/captions/train.jsonl --out R/tokenizer`
 
+The captions are user data (`data.bad_input_policy`, xfusion.data): an undecodable or incomplete
+line or an empty caption is left out and named in `<out>.bad_inputs.json` beside the tokenizer
+dir (skip), or stops the job naming it (stop).
+
 MMLU scoring needs the log-likelihood of " A" .. " D" after "Answer:", so each letter after a
 space must be one token: the byte-level pre-tokenizer splits " A" off as its own word and the
 corpus's practice items make the merge "Ġ" + "A" frequent; `check_answer_letters` verifies it.
@@ -27,7 +31,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from xfusion.config import load_run
-from xfusion.io import atomic_dir, read_jsonl
+from xfusion.data import BadInputs, captioned_records, report_path
+from xfusion.io import atomic_dir
 
 BOI_TOKEN = "<|begin_of_image|>"
 EOI_TOKEN = "<|end_of_image|>"
@@ -105,15 +110,17 @@ def build_tokenizer(config: str | Path, corpus: Path, captions: Path,
                     out: Path) -> PreTrainedTokenizerBase:
     """Train (tiny) or adapt (paper) the tokenizer, check the answer letters, save to `out`."""
     cfg = load_run(config)
+    bad = BadInputs(cfg.data.bad_input_policy)
     if cfg.data.tokenizer_path:
         tok = adapt_pretrained(cfg.data.tokenizer_path)
     else:
         texts = [line for line in corpus.read_text().splitlines() if line.strip()]
-        texts += [row["caption"] for row in read_jsonl(captions)]
+        texts += [row["caption"] for _, row in captioned_records(captions, bad)]
         tok = train_bpe(texts, cfg.data.tokenizer_vocab_size)
     check_answer_letters(tok)
     with atomic_dir(out) as tmp:
         tok.save_pretrained(tmp)
+    bad.finish(report_path(out))
     return tok
 
 

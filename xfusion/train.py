@@ -11,8 +11,10 @@ once per image) and finally `done.json`.
 Resume is automatic: rerunning the same command after a kill (SIGTERM or SIGKILL) continues from
 the newest complete checkpoint. Model weights, optimizer, LR schedule, RNG states and the data
 position (the stream is addressed by step) all come back, so on CPU in fp32 the final weights are
-bitwise those of an uninterrupted run. A non-finite loss stops the run before the update, with
-the last good checkpoint left in place.
+bitwise those of an uninterrupted run; `train_log.jsonl` is cut back to the rows up to the step
+resumed from (none without a checkpoint), so after a kill at any point it ends as an
+uninterrupted run's. A non-finite loss stops the run before the update, with the last good
+checkpoint left in place.
 
 Resume never crosses recipes: a run dir holds the files of one train recipe
 (xfusion.config.train_recipe). Files of another are moved, intact, to
@@ -202,6 +204,25 @@ def missing_steps(out: Path, eval_steps) -> list[int]:
     return [s for s in eval_steps if not (out / "steps" / str(s)).is_dir()]
 
 
+def truncate_log(path: Path, start: int) -> None:
+    """Keep the rows of the log at `path` up to step `start`, the step resumed from (0: no
+    checkpoint, an empty log), rewritten atomically: the rows a killed run wrote past its last
+    checkpoint are written again by the rerun, so they must not stay. A kill during a write
+    leaves a last line cut short; it goes too (lines are appended, so only the last can be)."""
+    if not path.is_file():
+        return
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if row["step"] > start:
+            break
+        rows.append(row)
+    atomic_write_jsonl(path, rows)
+
+
 # --- the run ------------------------------------------------------------------------------------
 
 def trained_text_hash(llm: torch.nn.Module, base_hash: str, precision: str) -> str:
@@ -269,9 +290,8 @@ def train(args: argparse.Namespace) -> dict:
         start = ckpt.step
         seen = {k: ckpt.data[k] for k in seen}
         print(f"resuming {cfg.name} from {latest} (step {start})")
-    if rank() == 0 and (out / "train_log.jsonl").is_file():  # drop rows past the resume point
-        rows = [r for r in read_jsonl(out / "train_log.jsonl") if r["step"] <= start]
-        atomic_write_jsonl(out / "train_log.jsonl", rows)
+    if rank() == 0:
+        truncate_log(out / "train_log.jsonl", start)
     raw = load_yaml(args.config)
     tracker = start_run(out, cfg, args.experiment or experiment_of(raw, cfg.name),
                         enabled=rank() == 0)

@@ -11,9 +11,10 @@ when present, `captions.jsonl` in `data.image_dir` (`{"file": <path relative to 
 "caption": str}` per line) or COCO `captions_*.json` in `data.image_dir`, its parent or
 `<parent>/annotations` (the first caption of each image); else it is null.
 
-Bad inputs (unreadable images; empty or missing captions where a caption source exists) follow
-`data.bad_input_policy`: `skip` counts them, prints the counts and writes `<out>/bad_inputs.json`;
-`stop` exits non-zero naming the file.
+Bad inputs (xfusion.data: missing, corrupt or truncated images; undecodable lines of
+`captions.jsonl` or an undecodable COCO file; empty or missing captions where a caption source
+exists) follow `data.bad_input_policy`: `skip` leaves them out, names each (file, line) in
+`<out>/bad_inputs.json` and prints the counts; `stop` exits non-zero naming the first.
 
 References: X-Fusion Sec. 4 (256 px images); COCO captions annotation format.
 """
@@ -25,12 +26,12 @@ import json
 import random
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 from xfusion.config import ConfigError, load_run
-from xfusion.data import BadInputs, save_png
-from xfusion.io import atomic_write_jsonl, read_jsonl
+from xfusion.data import BadInputs, caption_text, read_image, read_records, report_path, save_png
+from xfusion.io import atomic_write_jsonl
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -39,23 +40,30 @@ def find_images(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def load_captions(root: Path) -> dict[str, str] | None:
-    """{path relative to root (or COCO file name): caption}, or None if there is no source."""
+def load_captions(root: Path, bad: BadInputs) -> dict[str, tuple[str | None, str]] | None:
+    """{path relative to root (or COCO file name): (caption or None if empty, where it is
+    given)}, or None if there is no source. Undecodable lines or files are bad inputs."""
     if (root / "captions.jsonl").exists():
-        return {r["file"]: r.get("caption") or "" for r in read_jsonl(root / "captions.jsonl")}
+        path = root / "captions.jsonl"
+        return {r["file"]: (caption_text(r.get("caption")), f"{path}:{n}")
+                for n, r in read_records(path, bad, keys=("file",))}
     for folder in (root, root.parent, root.parent / "annotations"):
         files = sorted(folder.glob("captions_*.json"))
         if files:
-            captions: dict[str, str] = {}
+            captions: dict[str, tuple[str | None, str]] = {}
             for file in files:
-                coco = json.loads(file.read_text())
-                names = {im["id"]: im["file_name"] for im in coco["images"]}
-                for ann in coco["annotations"]:
-                    captions.setdefault(names[ann["image_id"]], ann["caption"].strip())
+                try:
+                    coco = json.loads(file.read_bytes().decode("utf-8"))
+                    names = {im["id"]: im["file_name"] for im in coco["images"]}
+                    anns = [(names[a["image_id"]], a["caption"]) for a in coco["annotations"]]
+                except (ValueError, KeyError, TypeError) as err:
+                    bad.add(file, f"undecodable annotation file: {type(err).__name__}: {err}")
+                    continue
+                for name, caption in anns:
+                    text = caption_text(caption)
+                    captions.setdefault(name, (text and text.strip(), str(file)))
             return captions
     return None
-
-
 def centre_crop_resize(img: Image.Image, size: int) -> Image.Image:
     img = img.convert("RGB")
     w, h = img.size
@@ -63,13 +71,6 @@ def centre_crop_resize(img: Image.Image, size: int) -> Image.Image:
     left, top = (w - side) // 2, (h - side) // 2
     return img.crop((left, top, left + side, top + side)).resize(
         (size, size), Image.Resampling.BICUBIC)
-
-
-def read_image(path: Path, size: int) -> Image.Image:
-    """Decoded, cropped and resized; raises OSError-family errors on corrupt files."""
-    with Image.open(path) as img:
-        img.load()  # decode now: a truncated file fails here, not later
-        return centre_crop_resize(img, size)
 
 
 def image_id(rel: Path) -> str:
@@ -83,8 +84,8 @@ def prepare_folder(image_dir: Path, out: Path, image_size: int, n_train: int, n_
     if not files:
         raise ConfigError(f"config.data.image_dir = {str(image_dir)!r}: no jpg/png images found")
     random.Random(f"folder-{seed}").shuffle(files)
-    captions = load_captions(image_dir)
     bad = BadInputs(policy)
+    captions = load_captions(image_dir, bad)
     rows: dict[str, list[dict]] = {"heldout": [], "train": []}
     for path in tqdm(files, desc="images", unit="img"):
         split = "heldout" if len(rows["heldout"]) < n_heldout else "train"
@@ -93,22 +94,20 @@ def prepare_folder(image_dir: Path, out: Path, image_size: int, n_train: int, n_
         rel = path.relative_to(image_dir)
         caption = None
         if captions is not None:
-            caption = captions.get(rel.as_posix(), captions.get(path.name, ""))
-            if not caption.strip():
-                bad.add(path, "missing caption: no caption or an empty one")
+            caption, where = captions.get(rel.as_posix(), captions.get(path.name, (None, None)))
+            if caption is None:
+                bad.add(path, f"empty caption: given at {where}" if where else
+                        "missing caption: no caption for this image")
                 continue
-        try:
-            img = read_image(path, image_size)
-        except (OSError, UnidentifiedImageError, ValueError) as err:
-            bad.add(path, f"corrupt image: {err}")
+        if (img := read_image(path, bad)) is None:
             continue
         iid = image_id(rel)
-        save_png(img, out / split / "images" / f"{iid}.png")
+        save_png(centre_crop_resize(img, image_size), out / split / "images" / f"{iid}.png")
         rows[split].append({"id": iid, "image": f"{out.name}/{split}/images/{iid}.png",
                             "scene": None, "labels": None, "short_caption": caption})
     for split, split_rows in rows.items():
         atomic_write_jsonl(out / split / "scenes.jsonl", split_rows)
-    bad.finish(out / "bad_inputs.json")
+    bad.finish(report_path(out, is_dir=True))
     return {split: len(r) for split, r in rows.items()}
 
 

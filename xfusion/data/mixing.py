@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from xfusion.config import ConfigError, RunConfig
-from xfusion.io import read_jsonl
+from xfusion.data import records_by_id
 from xfusion.model.flow import sample_t
 from xfusion.model.sequence import Sample, encode_captions
 
@@ -71,8 +71,8 @@ def accumulation_steps(tokens_per_batch: int, micro_tokens_per_batch: int | None
 
 
 def read_captions(path: str | Path, ids: list[str]) -> list[str]:
-    """Captions in the order of `ids` (the latents' order), by id."""
-    by_id = {row["id"]: row["caption"] for row in read_jsonl(path)}
+    """Captions in the order of `ids` (the latents' order), by id (`records_by_id`)."""
+    by_id = {i: row["caption"] for i, row in records_by_id(path, ("caption",)).items()}
     missing = [i for i in ids if i not in by_id]
     if missing:
         raise KeyError(f"{path}: no caption for {len(missing)} latents ids (e.g. {missing[:3]}); "
