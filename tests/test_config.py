@@ -186,3 +186,8 @@ def test_each_evaluation_hash_changes_with_exactly_what_it_reads():
 def test_repa_with_the_clip_judge_makes_the_judges_part_of_the_train_recipe():
     assert "train_run" in _changed({"evaluation.judge_width": 32}, run="size_m_align_on")
     assert "train_run" not in _changed({"evaluation.judge_width": 32}, run="size_m_align_off")
+
+
+def test_the_i2t_denoise_loss_switch_is_part_of_the_train_recipe_only():
+    assert job_config(resolve_run(TINY, "noise_50"), "train_run")["training.i2t_denoise_loss"]
+    assert _changed({"training.i2t_denoise_loss": False}, run="noise_50") == {"train_run"}

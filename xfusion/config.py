@@ -224,7 +224,14 @@ class TrainingConfig:
     lambda_ar: float = 0.2
     lambda_dm: float = 1.0
     t2i_ratio: float = 0.66  # share of T2I samples; I2T = 1 - t2i_ratio
-    i2t_noise_max: float = 0.0  # I2T images noised with t <= this (0 = clean)
+    # I2T images noised with t <= this, t drawn from `timestep_sampling` truncated to
+    # [0, i2t_noise_max]: 0 = clean, 1 = the generation setting (X-Fusion Sec. 6.1, Fig. 6).
+    i2t_noise_max: float = 0.0
+    # Noisy I2T images (t > 0) also get the flow-matching loss, weighted like T2I images:
+    # Sec. 6.1, Transfusion limits I2T noise to t <= 50 % "while still [treating] those noisy
+    # images as generation training data". Off: they only condition the caption (the recipe
+    # before this key). Clean I2T images (t = 0) never get it.
+    i2t_denoise_loss: bool = True
     caption_dropout: float = 0.1
     lr_text_ratio: float = 1.0  # single_tower: lr of text-modality params / image lr
     timestep_sampling: str = "logit_normal"
