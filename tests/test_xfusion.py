@@ -135,6 +135,24 @@ def test_repa_layer_beyond_the_depth_is_a_config_error(tiny_xfusion):
         tiny_xfusion("dual_tower", {"model.repa.enabled": True, "model.repa.layer": 3})
 
 
+def test_repa_projector_is_supp_a_linear_w_by_default_and_the_mlp_on_request(tiny_xfusion):
+    from torch import nn
+
+    from xfusion.config import REPA_PROJECTORS
+    from xfusion.model.repa import PROJECTORS
+
+    assert tuple(PROJECTORS) == REPA_PROJECTORS
+    repa = {"model.repa.enabled": True, "model.repa.layer": 1, "model.repa.feature_dim": 8}
+    linear = tiny_xfusion("dual_tower", repa).repa.proj
+    assert isinstance(linear, nn.Linear) and (linear.in_features, linear.out_features) == (32, 8)
+    mlp = tiny_xfusion("dual_tower", {**repa, "model.repa.projector": "mlp"}).repa.proj
+    layers = [m for m in mlp if isinstance(m, nn.Linear)]
+    assert isinstance(mlp, nn.Sequential) and len(layers) == 3 and layers[-1].out_features == 8
+    assert sum(isinstance(m, nn.SiLU) for m in mlp) == 2
+    with pytest.raises(ConfigError, match="model.repa.projector"):
+        tiny_xfusion("dual_tower", {**repa, "model.repa.projector": "conv"})
+
+
 def test_repa_loss_is_one_minus_cosine_and_joins_the_total(tiny_xfusion, mixed_samples):
     model = tiny_xfusion("dual_tower", {"model.repa.enabled": True, "model.repa.layer": 1,
                                         "model.repa.feature_dim": 8})
