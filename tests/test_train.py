@@ -300,8 +300,9 @@ def test_repa_with_the_align_encoder_trains_toward_its_penultimate_features(worl
     config.write_text(yaml.safe_dump(raw, sort_keys=False))
     assert load_run(config, "size_m_align_on").model.repa.encoder == "align_encoder"
     encoder = tmp_path / "align_encoder"
-    align_encoder.main(["--config", str(config), "--train-scenes",
-                        str(world["R"] / "world" / "train" / "scenes.jsonl"), "--out", str(encoder)])
+    scenes = world["R"] / "world" / "train" / "scenes.jsonl"
+    align_encoder.main(["--config", str(config), "--train-scenes", str(scenes),
+                        "--out", str(encoder)])
     out = tmp_path / "R" / "runs" / "size_m_align_on"
     argv = _argv({**world, "config": config}, out, run="size_m_align_on")
     with pytest.raises(SystemExit, match="needs --align-encoder R/align_encoder"):
