@@ -36,11 +36,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from xfusion.config import EvaluationConfig, load_run
 from xfusion.data import load_pixels, resolve_image
 from xfusion.data.world import COLOURS, POSITIONS, SHAPES
+from xfusion.fit_heads import fit_heads
 from xfusion.io import atomic_dir, atomic_write_json, read_jsonl
 
 NONE = "none"  # class of an empty cell, first in every head's vocabulary
@@ -144,25 +144,20 @@ def predict(model: AttributeClassifier, pixels: torch.Tensor,
 
 def train(model: AttributeClassifier, pixels: torch.Tensor, targets: torch.Tensor,
           e: EvaluationConfig, generator: torch.Generator) -> list[float]:
-    """Adam on the summed per-cell cross-entropies. Generated images are noisier and softer
-    than the rendered ones, so training images get Gaussian pixel noise of a random std up to
-    `attr_augment_noise` and, with probability `attr_augment_blur`, a 3x3 box blur."""
-    opt = torch.optim.Adam(model.parameters(), lr=e.attr_lr)
-    model.train()
-    losses = []
-    for _ in tqdm(range(e.attr_steps), desc="attribute classifier", unit="step"):
-        b = torch.randint(len(pixels), (min(e.attr_batch_size, len(pixels)),), generator=generator)
-        x = pixels[b]
-        blur = torch.rand(len(b), 1, 1, 1, generator=generator) < e.attr_augment_blur
+    """Adam on the summed per-cell cross-entropies (xfusion.fit_heads). Generated images are
+    noisier and softer than the rendered ones, so training images get Gaussian pixel noise of a
+    random std up to `attr_augment_noise` and, with probability `attr_augment_blur`, a 3x3 box
+    blur."""
+
+    def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        blur = torch.rand(len(x), 1, 1, 1, generator=g) < e.attr_augment_blur
         x = torch.where(blur, F.avg_pool2d(x, 3, 1, 1, count_include_pad=False), x)
-        std = e.attr_augment_noise * torch.rand(len(b), 1, 1, 1, generator=generator)
-        x = x + std * torch.randn(x.shape, generator=generator)
-        loss = sum(F.cross_entropy(logits.flatten(0, 1), targets[b][..., k].flatten())
-                   for k, logits in enumerate(model(x)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+        std = e.attr_augment_noise * torch.rand(len(x), 1, 1, 1, generator=g)
+        return x + std * torch.randn(x.shape, generator=g)
+
+    model.train()
+    losses = fit_heads(model, model.parameters(), pixels, targets, e.attr_steps,
+                       e.attr_batch_size, e.attr_lr, generator, "attribute classifier", augment)
     model.eval()
     return losses
 

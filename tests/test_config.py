@@ -184,5 +184,25 @@ def test_each_evaluation_hash_changes_with_exactly_what_it_reads():
 
 
 def test_repa_with_the_clip_judge_makes_the_judges_part_of_the_train_recipe():
-    assert "train_run" in _changed({"evaluation.judge_width": 32}, run="size_m_align_on")
-    assert "train_run" not in _changed({"evaluation.judge_width": 32}, run="size_m_align_off")
+    judge = {"model.repa.encoder": "judge_clip"}
+
+    def changed(run):
+        return train_recipe(_tiny(judge, run)) != train_recipe(
+            _tiny({**judge, "evaluation.judge_width": 32}, run))
+    assert changed("size_m_align_on") and not changed("size_m_align_off")
+
+
+def test_repa_with_the_align_encoder_makes_its_recipe_part_of_the_train_recipe():
+    """The tiny default target: its keys rerun it and the REPA runs on it, not the runs without
+    alignment; the judges' keys no longer rerun REPA training."""
+    assert resolve_run(TINY, "size_m_align_on").model.repa.encoder == "align_encoder"
+    steps = {"model.repa.align.steps": 7}
+    assert _changed(steps, run="size_m_align_on") == {"align_encoder", "train_run"}
+    assert "train_run" not in _changed(steps, run="size_m_align_off")
+    assert "train_run" not in _changed({"evaluation.judge_width": 32}, run="size_m_align_on")
+    assert "seed" in job_config(resolve_run(TINY, "size_m_align_on"), "train_run")
+
+
+def test_the_i2t_denoise_loss_switch_is_part_of_the_train_recipe_only():
+    assert job_config(resolve_run(TINY, "noise_50"), "train_run")["training.i2t_denoise_loss"]
+    assert _changed({"training.i2t_denoise_loss": False}, run="noise_50") == {"train_run"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -42,7 +43,38 @@ def test_sample_t_schemes_lie_in_the_unit_interval_and_logit_normal_is_centred()
 
 
 def test_sample_t_rejects_an_unknown_scheme():
-    import pytest
-
     with pytest.raises(ValueError, match="logit_normal"):
         sample_t(3, "cosine")
+
+
+@pytest.mark.parametrize("scheme,t_max", [("logit_normal", 0.5), ("logit_normal", 0.25),
+                                          ("uniform", 0.3)])
+def test_truncated_sample_t_has_the_quantiles_of_the_truncated_distribution(scheme, t_max):
+    """I2T times: the training distribution truncated to [0, t_max]. Its analytic quantiles
+    from scipy: logit-normal t = sigmoid(z), z a standard normal truncated at logit(t_max)."""
+    from scipy import stats
+
+    t = sample_t(40000, scheme, torch.Generator().manual_seed(0), t_max=t_max)
+    assert (t >= 0).all() and (t <= torch.tensor(t_max)).all()
+    t = t.double()
+    if scheme == "logit_normal":
+        z = stats.truncnorm(-float("inf"), float(torch.logit(torch.tensor(t_max))))
+        ppf, cdf = (lambda p: torch.sigmoid(torch.tensor(z.ppf(p)))), (
+            lambda x: z.cdf(torch.logit(torch.as_tensor(x)).numpy()))
+    else:
+        ppf, cdf = (lambda p: torch.tensor(p) * t_max), (lambda x: x / t_max)
+    p = torch.tensor([0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99], dtype=torch.float64)
+    assert torch.allclose(t.quantile(p), ppf(p.numpy()), atol=0.01 * t_max)
+    assert stats.kstest(t.numpy(), cdf).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("scheme", ["logit_normal", "uniform"])
+def test_truncation_at_zero_is_exactly_clean_and_at_one_is_the_whole_distribution(scheme):
+    from scipy import stats
+
+    g = torch.Generator().manual_seed(1)
+    assert torch.equal(sample_t(1000, scheme, g, t_max=0.0), torch.zeros(1000))
+    full, untruncated = sample_t(40000, scheme, g, t_max=1.0), sample_t(40000, scheme, g)
+    assert stats.ks_2samp(full.numpy(), untruncated.numpy()).pvalue > 1e-3
+    p = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])
+    assert torch.allclose(full.quantile(p), untruncated.quantile(p), atol=0.01)

@@ -27,6 +27,7 @@ def section_schemas():
     yield "model.base_lm.tiny", xc.TinyLlamaConfig, model["base_lm"]["properties"]["tiny"]
     yield "model.codec", xc.ImageCodecConfig, model["codec"]
     yield "model.repa", xc.RepaConfig, model["repa"]
+    yield "model.repa.align", xc.AlignEncoderConfig, model["repa"]["properties"]["align"]
     yield "data.captioner", xc.CaptionerConfig, props["data"]["properties"]["captioner"]
     experiment = props["experiments"]["additionalProperties"]
     yield "experiments.<name>", xc.Experiment, experiment
@@ -45,7 +46,8 @@ def test_registry_enums_come_from_xfusion_config_only():
                 yield from enums(value)
 
     in_file = [v for enum in enums(yaml.safe_load(SCHEMA_PATH.read_text())) for v in enum]
-    registered = {*xc.ARCHITECTURES, *xc.METRICS, *xc.MEASURES, *xc.STEPS, *xc.PAPER_LAYOUTS}
+    registered = {*xc.ARCHITECTURES, *xc.METRICS, *xc.MEASURES, *xc.STEPS, *xc.PAPER_LAYOUTS,
+                  *xc.REPA_PROJECTORS}
     assert in_file and not registered & set(in_file)
     assert SCHEMA["$defs"]["architecture"]["enum"] == list(xc.ARCHITECTURES)
     assert SCHEMA["$defs"]["metric"]["enum"] == list(xc.METRICS)

@@ -22,7 +22,8 @@ from conftest import LAUNCHER_VARIABLES
 from xfusion import checkpoint, train
 from xfusion.caption import caption_file
 from xfusion.codec import build_codec
-from xfusion.config import apply_overrides, experiments_using, load_run, load_yaml, train_recipe
+from xfusion.config import apply_overrides, experiments_using, load_run, load_yaml, resolve_run
+from xfusion.config import train_recipe
 from xfusion.data import resolve_image
 from xfusion.data.mixing import MixedStream, read_captions
 from xfusion.data.world import write_split
@@ -127,6 +128,23 @@ def test_stream_is_addressed_by_step_and_mixes_by_ratio(world):
     assert torch.all(clean == 0)  # i2t_noise_max 0: clean images for captioning
     epoch = torch.cat([p.index for p in plans[:6]])  # 6 batches of 4 = one pass over 24 images
     assert sorted(epoch.tolist()) == list(range(24))
+
+
+def test_stream_draws_noisy_i2t_times_from_the_truncated_t2i_distribution(world, tmp_path):
+    """training.i2t_noise_max 0.5 with logit-normal T2I times: I2T t in [0, 0.5], with the median
+    of the logit-normal truncated there, sigmoid(Phi^-1(0.25)), not uniform's 0.25."""
+    raw = apply_overrides(load_yaml(world["config"]), {"training.i2t_noise_max": 0.5})
+    config = tmp_path / "noisy.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    cfg = load_run(config, "dual_tower")
+    latents, ids = load_latents(world["latents"])
+    stream = MixedStream(latents, read_captions(world["captions"], ids),
+                         load_tokenizer(world["R"] / "tokenizer"), cfg)
+    plans = [stream.plan(s) for s in range(400)]
+    t = torch.cat([p.t[~p.is_t2i] for p in plans])
+    assert len(t) > 400 and (t > 0).all() and (t <= 0.5).all()
+    median = torch.sigmoid(torch.special.ndtri(torch.tensor(0.25))).item()  # 0.337
+    assert abs(t.median().item() - median) < 0.03
 
 
 def test_sigkill_then_rerun_ends_bitwise_equal_to_uninterrupted_run(world, tmp_path):
@@ -243,7 +261,8 @@ def _clip_judge(path: Path, width: int) -> None:
 def test_repa_targets_come_from_the_clip_judge_once_per_image(world, tmp_path, monkeypatch):
     judges = tmp_path / "judges"
     _clip_judge(judges / "clip", width=16)
-    raw = apply_overrides(load_yaml(world["config"]), {"model.repa.feature_dim": 16})
+    raw = apply_overrides(load_yaml(world["config"]), {"model.repa.feature_dim": 16,
+                                                       "model.repa.encoder": "judge_clip"})
     config = tmp_path / "repa.yaml"
     config.write_text(yaml.safe_dump(raw, sort_keys=False))
     out = tmp_path / "R" / "runs" / "size_m_align_on"
@@ -263,10 +282,41 @@ def test_repa_targets_come_from_the_clip_judge_once_per_image(world, tmp_path, m
                                out / "repa_targets.safetensors")
     assert torch.equal(again, targets)
 
-    wrong = load_run(world["config"], "size_m_align_on")  # tiny.yaml's width, not the judge's 16
-    with pytest.raises(SystemExit, match=r"feature_dim = \d+, but .* width 16: set it to 16"):
+    wrong = apply_overrides(raw, {"model.repa.feature_dim": 64})  # not the judge's 16
+    wrong = resolve_run(wrong, "size_m_align_on")
+    with pytest.raises(SystemExit, match=r"feature_dim = 64, but .* width 16: set it to 16"):
         train.repa_targets(wrong, judges, world["captions"], ids, (8, 8),
                            out / "repa_targets.safetensors")
+
+
+def test_repa_with_the_align_encoder_trains_toward_its_penultimate_features(world, tmp_path):
+    """The tiny default target: xfusion.align_encoder's ViT, trained by its entry point on the
+    train split, read through --align-encoder (never --judges) in a real training run."""
+    from xfusion import align_encoder
+
+    raw = apply_overrides(load_yaml(world["config"]), {
+        "model.repa.feature_dim": 16, "model.repa.align": {"steps": 2, "batch_size": 8}})
+    config = tmp_path / "repa.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert load_run(config, "size_m_align_on").model.repa.encoder == "align_encoder"
+    encoder = tmp_path / "align_encoder"
+    scenes = world["R"] / "world" / "train" / "scenes.jsonl"
+    align_encoder.main(["--config", str(config), "--train-scenes", str(scenes),
+                        "--out", str(encoder)])
+    out = tmp_path / "R" / "runs" / "size_m_align_on"
+    argv = _argv({**world, "config": config}, out, run="size_m_align_on")
+    with pytest.raises(SystemExit, match="needs --align-encoder R/align_encoder"):
+        train.train(train.parse_args(argv))
+    train.train(train.parse_args(argv + ["--align-encoder", str(encoder)]))
+    log = read_jsonl(out / "train_log.jsonl")
+    assert log and all(r["repa_loss"] > 0 for r in log)
+    targets = load_file(str(out / "repa_targets.safetensors"))["targets"]
+    assert targets.shape == (24, 16, 16)  # (images, 4x4 image tokens, encoder width)
+    _, ids = load_latents(world["latents"])
+    image = {r["id"]: r["image"] for r in read_jsonl(world["captions"])}
+    direct = train.encode_repa_targets(
+        str(encoder), [resolve_image(image[i], world["captions"]) for i in ids], (4, 4))
+    assert torch.allclose(direct, targets)  # the encoder's own penultimate patch features
 
 
 def _files(root: Path) -> dict[Path, bytes]:

@@ -124,6 +124,7 @@ def test_paper_dry_run_via_slurm_profile_lists_gpu_training_for_four_architectur
         assert re.search(r"gpu=8\b", block) and "tasks_per_gpu=1" in block and "mpi=srun" in block
         assert "slurm_partition=gpu" in block and "runtime=4320" in block
     assert not jobs(out, "judges")  # paper scale loads CLIP / BLIP-2 / Inception
+    assert not jobs(out, "align_encoder")  # and REPA aligns to a pretrained CLIP
     # no scene records at paper scale: no attribute classifier, no attribute metrics
     assert not jobs(out, "attribute_classifier") and not jobs(out, "geneval")
     assert not jobs(out, "caption_attributes")
@@ -159,7 +160,8 @@ if module == "xfusion.data.world":
         (out / split / "images").mkdir(parents=True, exist_ok=True)
     write(out / "corpus.txt", "fact\n")
     (out / "mmlu").mkdir(parents=True, exist_ok=True)
-elif module in ("xfusion.tokenizer", "eval.judges", "eval.attribute_classifier"):
+elif module in ("xfusion.tokenizer", "eval.judges", "eval.attribute_classifier",
+                "xfusion.align_encoder"):
     out.mkdir(parents=True, exist_ok=True)
 elif module == "xfusion.pretrain_lm":
     write(out / "base_model.json")

@@ -25,7 +25,10 @@ def test_batch_layouts_follow_t2i_and_i2t_and_targets_are_i2t_captions_only(mixe
     assert (b.text_targets[[0, 2]] == IGNORE).all()
     assert b.text_targets[1, 2 + P:2 + P + 4].tolist() == [9, 10, 11, 2]
     assert (b.text_targets[1] != IGNORE).sum() == 4
-    assert b.dm_weight.tolist() == [1.0, 0.0, 1.0, 0.0]
+    # T2I, clean I2T, T2I, noisy I2T: noisy I2T images are denoising examples by default
+    assert b.dm_weight.tolist() == [1.0, 0.0, 1.0, 1.0]
+    off = build_batch(mixed_samples(0), IDS, patch_size=2, i2t_denoise_loss=False)
+    assert off.dm_weight.tolist() == [1.0, 0.0, 1.0, 0.0]
     assert not b.valid[1, -1] and b.valid[3].all()  # right padding
 
 
@@ -80,8 +83,9 @@ def test_a_one_task_batch_gives_every_trainable_parameter_a_gradient(tiny_xfusio
     assert not missing, missing[:5]
 
 
-def test_dm_loss_ignores_i2t_images_and_ar_loss_ignores_t2i_captions(tiny_xfusion, mixed_samples):
-    model = tiny_xfusion("dual_tower")
+def test_switched_off_dm_loss_ignores_i2t_images_and_ar_loss_ignores_t2i_captions(
+        tiny_xfusion, mixed_samples):
+    model = tiny_xfusion("dual_tower", {"training.i2t_denoise_loss": False})
     s = mixed_samples(0)
     t2i = model.compute_loss(model.build_batch([s[0]]))
     i2t = model.compute_loss(model.build_batch([s[3]]))  # an I2T image noised with t = 0.2
@@ -90,6 +94,27 @@ def test_dm_loss_ignores_i2t_images_and_ar_loss_ignores_t2i_captions(tiny_xfusio
     both = model.compute_loss(model.build_batch([s[0], s[3]], torch.Generator().manual_seed(0)))
     lam = model.cfg.training
     assert torch.allclose(both.loss, lam.lambda_ar * both.ar_loss + lam.lambda_dm * both.dm_loss)
+
+
+@pytest.mark.parametrize("denoise", [True, False])
+def test_dm_loss_counts_t2i_and_noisy_i2t_images_as_the_switch_says(tiny_xfusion, mixed_samples,
+                                                                   denoise):
+    """training.i2t_denoise_loss: the batch's DM loss is the mean of the per-image losses of
+    T2I images, plus noisy I2T images when on; a clean I2T image never counts. The AR loss
+    counts I2T captions either way."""
+    model = tiny_xfusion("dual_tower", {"training.i2t_denoise_loss": denoise})
+    s = mixed_samples(0)  # t2i (t 0.7), clean i2t (t 0), t2i (t 0.3, no caption), noisy i2t (0.2)
+    noise = torch.randn(len(s), 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        alone = [model.compute_loss(model.build_batch([x], noise=noise[i:i + 1])).dm_loss
+                 for i, x in enumerate(s)]
+        both = model.compute_loss(model.build_batch(s, noise=noise))
+    assert all(alone[i] > 0 for i in (0, 2)) and alone[1] == 0
+    assert (alone[3] > 0) == denoise  # the noisy I2T image alone: a DM term only when on
+    counted = [0, 2, 3] if denoise else [0, 2]
+    assert torch.allclose(both.dm_loss, torch.stack([alone[i] for i in counted]).mean(),
+                          rtol=1e-4)
+    assert both.ar_loss > 0
 
 
 def test_param_groups_scale_the_pretrained_weights_of_single_tower_only(tiny_xfusion):
@@ -108,6 +133,24 @@ def test_param_groups_scale_the_pretrained_weights_of_single_tower_only(tiny_xfu
 def test_repa_layer_beyond_the_depth_is_a_config_error(tiny_xfusion):
     with pytest.raises(ConfigError, match="model.repa.layer = 3"):
         tiny_xfusion("dual_tower", {"model.repa.enabled": True, "model.repa.layer": 3})
+
+
+def test_repa_projector_is_supp_a_linear_w_by_default_and_the_mlp_on_request(tiny_xfusion):
+    from torch import nn
+
+    from xfusion.config import REPA_PROJECTORS
+    from xfusion.model.repa import PROJECTORS
+
+    assert tuple(PROJECTORS) == REPA_PROJECTORS
+    repa = {"model.repa.enabled": True, "model.repa.layer": 1, "model.repa.feature_dim": 8}
+    linear = tiny_xfusion("dual_tower", repa).repa.proj
+    assert isinstance(linear, nn.Linear) and (linear.in_features, linear.out_features) == (32, 8)
+    mlp = tiny_xfusion("dual_tower", {**repa, "model.repa.projector": "mlp"}).repa.proj
+    layers = [m for m in mlp if isinstance(m, nn.Linear)]
+    assert isinstance(mlp, nn.Sequential) and len(layers) == 3 and layers[-1].out_features == 8
+    assert sum(isinstance(m, nn.SiLU) for m in mlp) == 2
+    with pytest.raises(ConfigError, match="model.repa.projector"):
+        tiny_xfusion("dual_tower", {**repa, "model.repa.projector": "conv"})
 
 
 def test_repa_loss_is_one_minus_cosine_and_joins_the_total(tiny_xfusion, mixed_samples):

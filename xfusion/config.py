@@ -83,6 +83,7 @@ PAPER_LAYOUTS = ("columns", "rows")  # published numbers as paper_* columns, or 
 CAPTION_BACKENDS = ("scene", "hf")
 IMAGE_CODECS = ("pixel_shuffle", "autoencoder_kl")
 TIMESTEP_SAMPLINGS = ("logit_normal", "uniform")
+REPA_PROJECTORS = ("linear", "mlp")  # xfusion.model.repa.PROJECTORS builds each
 ITM_BACKENDS = ("transformers", "lavis")
 BAD_INPUT_POLICIES = ("skip", "stop")
 
@@ -143,15 +144,33 @@ class ImageCodecConfig:
 
 
 @dataclass(frozen=True)
+class AlignEncoderConfig:
+    """The tiny-scale REPA target `align_encoder` (xfusion/align_encoder.py): a small ViT of width
+    model.repa.feature_dim trained to parse tiny-world scenes patch by patch, used by no metric."""
+
+    layers: int = 3  # REPA reads the penultimate layer's patch features, as CLIP's at paper scale
+    patch_size: int = 4
+    steps: int = 400
+    batch_size: int = 64
+    lr: float = 1e-3
+    val_fraction: float = 0.1  # train-split images kept from its training to measure it
+
+
+@dataclass(frozen=True)
 class RepaConfig:
     """Supplementary A: align vision hidden states at `layer` with a frozen encoder's features."""
 
     enabled: bool = False
     layer: int = 8
     weight: float = 0.5
-    encoder: str = "judge_clip"  # tiny: the pipeline's CLIP judge; paper: a CLIP path/hub id
+    # tiny: "align_encoder" (trained by the pipeline, used by no metric) or "judge_clip" (the
+    # CLIP judge, which is also FID's and CLIP score's evaluator); paper: a CLIP path/hub id
+    encoder: str = "align_encoder"
     encoder_path: str | None = None
-    feature_dim: int = 64  # encoder feature width (tiny judge: judge_width; CLIP ViT-L/14: 1024)
+    feature_dim: int = 64  # encoder feature width (tiny: judge_width / align width; ViT-L/14: 1024)
+    # Supp. A: "a trainable linear W" onto the encoder's features; "mlp": REPA's 3-layer SiLU MLP
+    projector: str = "linear"
+    align: AlignEncoderConfig = field(default_factory=AlignEncoderConfig)
 
 
 @dataclass(frozen=True)
@@ -224,7 +243,14 @@ class TrainingConfig:
     lambda_ar: float = 0.2
     lambda_dm: float = 1.0
     t2i_ratio: float = 0.66  # share of T2I samples; I2T = 1 - t2i_ratio
-    i2t_noise_max: float = 0.0  # I2T images noised with t <= this (0 = clean)
+    # I2T images noised with t <= this, t drawn from `timestep_sampling` truncated to
+    # [0, i2t_noise_max]: 0 = clean, 1 = the generation setting (X-Fusion Sec. 6.1, Fig. 6).
+    i2t_noise_max: float = 0.0
+    # Noisy I2T images (t > 0) also get the flow-matching loss, weighted like T2I images:
+    # Sec. 6.1, Transfusion limits I2T noise to t <= 50 % "while still [treating] those noisy
+    # images as generation training data". Off: they only condition the caption (the recipe
+    # before this key). Clean I2T images (t = 0) never get it.
+    i2t_denoise_loss: bool = True
     caption_dropout: float = 0.1
     lr_text_ratio: float = 1.0  # single_tower: lr of text-modality params / image lr
     timestep_sampling: str = "logit_normal"
@@ -394,6 +420,10 @@ def validate(run: RunConfig) -> RunConfig:
     _check(m.prediction in PREDICTIONS, "model.prediction", m.prediction,
            f"must be one of {', '.join(PREDICTIONS)}")
     _check(m.repa.layer >= 1, "model.repa.layer", m.repa.layer, "must be >= 1")
+    _check(m.repa.projector in REPA_PROJECTORS, "model.repa.projector", m.repa.projector,
+           f"must be one of {', '.join(REPA_PROJECTORS)}")
+    _check(0.0 < m.repa.align.val_fraction < 1.0, "model.repa.align.val_fraction",
+           m.repa.align.val_fraction, "must be in (0, 1)")
     _check(d.source in ("world", "folder"), "data.source", d.source, "must be 'world' or 'folder'")
     _check(d.captioner.backend in CAPTION_BACKENDS, "data.captioner.backend",
            d.captioner.backend, f"must be one of {', '.join(CAPTION_BACKENDS)}")
@@ -566,7 +596,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 # Enums of the config schema that the registries above define: workflow/schemas/config.schema.yaml
 # declares `$defs.<name>` without an enum, and config_schema fills it in from here.
 SCHEMA_ENUMS = {"architecture": ARCHITECTURES, "metric": tuple(METRICS), "measure": MEASURES,
-                "steps": STEPS, "paper_layout": PAPER_LAYOUTS}
+                "steps": STEPS, "paper_layout": PAPER_LAYOUTS, "repa_projector": REPA_PROJECTORS}
 
 
 def config_schema(path: str | Path) -> dict[str, Any]:
@@ -597,6 +627,7 @@ def run_from_json(text: str) -> RunConfig:
 # (workflow/rules/common.smk, `recipe`), whose change reruns exactly the jobs that read it.
 
 JUDGE_NAMES = ("judge_clip", "judge_itm")  # evaluators that eval.judges trains (tiny scale)
+ALIGN_ENCODER = "align_encoder"  # the REPA target that xfusion.align_encoder trains (tiny scale)
 
 # Keys that change no trained weight at any step, left out of every hash.
 COSMETIC = (
@@ -618,10 +649,13 @@ class Reads:
     keys: dotted keys or patterns (`evaluation.probe_*`); a section name means all of it.
     after: evaluation jobs upstream whose reads this job's results carry too (a metric of T2I
         samples depends on how they were drawn); the trained model has its own hash.
-    evaluators: the evaluator names the job loads; a judge name brings the judges' reads in.
+    evaluators: the evaluator names the job loads; a judge name brings the judges' reads in,
+        `align_encoder` (REPA's tiny target) the align_encoder job's.
+    skip: keys under `keys` that are another job's (its output is what this job loads).
     """
 
     keys: tuple[str, ...]
+    skip: tuple[str, ...] = ()
     after: tuple[str, ...] = ()
     evaluators: Callable[[RunConfig], tuple[str, ...]] = lambda cfg: ()
 
@@ -643,8 +677,11 @@ READS = {
     "base_lm": Reads(("model.base_lm", "data", *_PRETRAIN_ENGINE)),
     "judges": Reads(("seed", "data", "evaluation.judge_*")),
     "attribute_classifier": Reads(("seed", "data", "evaluation.attr_*")),
-    "train_run": Reads(("model", "data", "training"), evaluators=lambda c: (
-        (c.model.repa.encoder,) if c.model.repa.enabled else ())),
+    "align_encoder": Reads(("seed", "data", "model.repa.feature_dim", "model.repa.align")),
+    # model.repa.align is the align encoder's recipe: read only through it (REPA runs on it).
+    "train_run": Reads(("model", "data", "training"), skip=("model.repa.align",),
+                       evaluators=lambda c: (c.model.repa.encoder,) if c.model.repa.enabled
+                       else ()),
     "sample_t2i": Reads((*_SAMPLING, "evaluation.sample_steps", "evaluation.cfg_scale",
                          "evaluation.sample_shift")),
     "sample_i2t": Reads((*_SAMPLING, "evaluation.caption_max_tokens", "evaluation.top_p")),
@@ -668,14 +705,23 @@ READS = {
 }
 
 
-def _patterns(cfg: RunConfig, job: str) -> list[str]:
+def _matches(key: str, patterns) -> bool:
+    return any(fnmatchcase(key, p) or key.startswith(p + ".") for p in patterns)
+
+
+def _read_keys(cfg: RunConfig, job: str, keys) -> set[str]:
+    """Which of the dotted `keys` `job` reads: its own, those of the evaluation jobs upstream of
+    it, and those of the trained evaluators or REPA encoder it loads."""
     reads = READS[job]
-    patterns = list(reads.keys)
+    out = {k for k in keys if _matches(k, reads.keys) and not _matches(k, reads.skip)}
     for upstream in reads.after:
-        patterns += _patterns(cfg, upstream)
-    if any(name in JUDGE_NAMES for name in reads.evaluators(cfg)):
-        patterns += _patterns(cfg, "judges")
-    return patterns
+        out |= _read_keys(cfg, upstream, keys)
+    names = reads.evaluators(cfg)
+    if any(name in JUDGE_NAMES for name in names):
+        out |= _read_keys(cfg, "judges", keys)
+    if ALIGN_ENCODER in names:
+        out |= _read_keys(cfg, "align_encoder", keys)
+    return out
 
 
 def _leaves(tree: Mapping[str, Any], prefix: str = ""):
@@ -688,12 +734,13 @@ def _leaves(tree: Mapping[str, Any], prefix: str = ""):
 
 def job_config(cfg: RunConfig, job: str) -> dict[str, Any]:
     """The config values `job` depends on, dotted key -> value: its own reads, those of the
-    evaluation jobs upstream of it and of the judges where it loads one; cosmetic keys left out."""
+    evaluation jobs upstream of it and of the judges (or the align encoder) where it loads one;
+    cosmetic keys left out."""
     if job not in READS:
         raise KeyError(f"{job!r}: not a job of xfusion.config.READS (known: {', '.join(READS)})")
-    patterns = _patterns(cfg, job)
-    return {key: value for key, value in _leaves(cfg.to_dict()) if key not in COSMETIC
-            and any(fnmatchcase(key, p) or key.startswith(p + ".") for p in patterns)}
+    leaves = dict(_leaves(cfg.to_dict()))
+    read = _read_keys(cfg, job, leaves)
+    return {key: value for key, value in leaves.items() if key in read and key not in COSMETIC}
 
 
 def _digest(values: Mapping[str, Any]) -> str:

@@ -1,6 +1,6 @@
 """Train one X-Fusion variant on stored latents: a flat loop, the engine applied from outside.
 
-`python -m xfusion.train --config C --run RUN --base-lm R/base_lm/<name>/base_model.json --latents R/latents/train.safetensors --captions R/captions/train.jsonl [--judges R/judges] --out R/runs/RUN`
+`python -m xfusion.train --config C --run RUN --base-lm R/base_lm/<name>/base_model.json --latents R/latents/train.safetensors --captions R/captions/train.jsonl [--judges R/judges] [--align-encoder R/align_encoder] --out R/runs/RUN`
 
 Writes into `--out` (docs/INTERFACES.md): `recipe.json` (the train recipe hash and the values
 it covers), `steps/<step>/` (a model dir per `training.eval_steps`), `checkpoints/step_<N>/` (every
@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 from xfusion import checkpoint
-from xfusion.config import RECIPE_FILE, VARIANTS, RunConfig, load_run, load_yaml
+from xfusion.config import ALIGN_ENCODER, RECIPE_FILE, VARIANTS, RunConfig, load_run, load_yaml
 from xfusion.config import recipe_record, train_recipe
 from xfusion.data.mixing import MixedStream, read_captions
 from xfusion.engine import Engine, rank, setup_distributed, world_size
@@ -62,7 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latents", required=True, type=Path, help="R/latents/train.safetensors")
     p.add_argument("--captions", required=True, type=Path, help="R/captions/train.jsonl")
     p.add_argument("--judges", type=Path, default=None,
-                   help="R/judges (tiny REPA: the CLIP judge is the frozen encoder)")
+                   help="R/judges (tiny REPA with model.repa.encoder: judge_clip)")
+    p.add_argument("--align-encoder", type=Path, default=None,
+                   help="R/align_encoder (tiny REPA with model.repa.encoder: align_encoder)")
     p.add_argument("--experiment", default=None,
                    help="MLflow experiment (default: the first config experiment with this run)")
     p.add_argument("--out", required=True, type=Path, help="R/runs/RUN")
@@ -88,13 +90,20 @@ def resolve_base_ref(base_model_json: Path) -> dict:
 
 # --- REPA targets: a frozen encoder's features, computed once per image ---------------------------
 
-def repa_encoder_path(cfg: RunConfig, judges: Path | None) -> str:
+def repa_encoder_path(cfg: RunConfig, judges: Path | None,
+                      align_encoder: Path | None = None) -> str:
+    """The REPA encoder's directory or hub id: a pipeline-trained encoder's dir (judge_clip under
+    --judges, align_encoder at --align-encoder), else model.repa.encoder_path or the name."""
     repa = cfg.model.repa
-    if repa.encoder == "judge_clip":
-        if judges is None:
-            raise SystemExit("config.model.repa.encoder = 'judge_clip' needs --judges R/judges "
-                             "(python -m eval.judges)")
-        return str(judges / "clip")
+    trained = {"judge_clip": (judges and judges / "clip",
+                              "--judges R/judges (python -m eval.judges)"),
+               ALIGN_ENCODER: (align_encoder,
+                               "--align-encoder R/align_encoder (python -m xfusion.align_encoder)")}
+    if repa.encoder in trained:
+        path, flag = trained[repa.encoder]
+        if path is None:
+            raise SystemExit(f"config.model.repa.encoder = {repa.encoder!r} needs {flag}")
+        return str(path)
     return repa.encoder_path or repa.encoder
 
 
@@ -105,11 +114,15 @@ def encode_repa_targets(encoder: str, images: list[Path], grid: tuple[int, int],
     (CLS dropped) average-pooled onto the model's `grid` of image tokens (REPA's per-token
     alignment; at paper scale ViT-L/14 at 224 px gives 16x16 patches, the 256 px / 8 / 2 grid)."""
     from PIL import Image
-    from transformers import AutoImageProcessor, CLIPModel
+    from transformers import AutoConfig, AutoImageProcessor, CLIPModel, CLIPVisionModel
 
-    # The whole CLIPModel (a judge dir, or a hub CLIP) then its vision tower: loading the vision
-    # class alone from a CLIPModel checkpoint works but lists every text weight as unexpected.
-    model = CLIPModel.from_pretrained(encoder).vision_model.eval()
+    # A vision tower saved alone (align_encoder), or the whole CLIPModel (a judge dir, or a hub
+    # CLIP) then its vision tower: loading the vision class alone from a CLIPModel checkpoint
+    # works but lists every text weight as unexpected.
+    if AutoConfig.from_pretrained(encoder).model_type == "clip_vision_model":
+        model = CLIPVisionModel.from_pretrained(encoder).eval()
+    else:
+        model = CLIPModel.from_pretrained(encoder).vision_model.eval()
     processor = AutoImageProcessor.from_pretrained(encoder)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(dev)
@@ -127,7 +140,8 @@ def encode_repa_targets(encoder: str, images: list[Path], grid: tuple[int, int],
 
 
 def repa_targets(cfg: RunConfig, judges: Path | None, captions: Path, ids: list[str],
-                 latent_hw: tuple[int, int], cache: Path) -> torch.Tensor:
+                 latent_hw: tuple[int, int], cache: Path,
+                 align_encoder: Path | None = None) -> torch.Tensor:
     """REPA targets for the training images, from `cache` when it matches, else computed once
     (rank 0) and cached beside the run: the encoder never runs per step."""
     from safetensors import safe_open
@@ -136,7 +150,7 @@ def repa_targets(cfg: RunConfig, judges: Path | None, captions: Path, ids: list[
     from xfusion.data import resolve_image
     from xfusion.io import atomic_path
 
-    encoder = repa_encoder_path(cfg, judges)
+    encoder = repa_encoder_path(cfg, judges, align_encoder)
     p = cfg.model.patch_size
     grid = (latent_hw[0] // p, latent_hw[1] // p)
     key = {"encoder": encoder, "ids": json.dumps(ids), "grid": json.dumps(grid)}
@@ -267,7 +281,8 @@ def train(args: argparse.Namespace) -> dict:
     latents, ids = load_latents(args.latents)
     captions = read_captions(args.captions, ids)
     feats = (repa_targets(cfg, args.judges, args.captions, ids, tuple(latents.shape[-2:]),
-                          out / "repa_targets.safetensors") if cfg.model.repa.enabled else None)
+                          out / "repa_targets.safetensors", args.align_encoder)
+             if cfg.model.repa.enabled else None)
     stream = MixedStream(latents, captions, tokenizer, cfg, feats, rank(), world_size())
 
     # Engine: DeepSpeed ZeRO-2 around the model; AdamW over the trainable groups only.

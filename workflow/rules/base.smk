@@ -1,4 +1,5 @@
-# The frozen base LLM per base name, and the tiny-scale judges (evaluators the pipeline trains).
+# The frozen base LLM per base name, the tiny-scale judges (evaluators the pipeline trains) and
+# the tiny-scale REPA target (an encoder the pipeline trains that no evaluator uses).
 
 
 rule base_lm:
@@ -63,3 +64,28 @@ if uses_judges():
             bench("judges")
         shell:
             "{params.py} -m eval.judges --config {params.config} --scenes {input.scenes} --captions {input.captions} --train-scenes {input.train_scenes} --train-captions {input.train_captions} --out {output} > {log} 2>&1"
+
+
+if uses_align_encoder():
+
+    rule align_encoder:
+        """Train the tiny REPA target (a ViT parsing scenes patch by patch) on the train split's
+        images and scene records only; quality.json measures it on train images kept out."""
+        input:
+            train_scenes=f"{R}/world/train/scenes.jsonl",
+            train_images=f"{R}/world/train/images",
+        output:
+            directory(ALIGN_ENCODER_DIR),
+        params:
+            py=PY,
+            config=CONFIG,
+            recipe=recipe("align_encoder"),
+        threads: 1
+        conda:
+            CONDA_ENV
+        log:
+            log("align_encoder"),
+        benchmark:
+            bench("align_encoder")
+        shell:
+            "{params.py} -m xfusion.align_encoder --config {params.config} --train-scenes {input.train_scenes} --out {output} > {log} 2>&1"

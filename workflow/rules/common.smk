@@ -19,7 +19,8 @@ import jsonschema
 import yaml
 from snakemake.exceptions import WorkflowError
 
-from xfusion.config import JUDGE_NAMES, ConfigError, all_runs, apply_overrides, config_schema
+from xfusion.config import ALIGN_ENCODER, JUDGE_NAMES, ConfigError, all_runs, apply_overrides
+from xfusion.config import config_schema
 from xfusion.config import experiment_recipe, experiments_from_dict, recipe_hash, resolve_run
 from xfusion.config import run_from_dict
 from xfusion.io import atomic_write_text
@@ -191,6 +192,22 @@ def judges_input(names):
 
 def judges_flag(names):
     return f"--judges {R}/judges" if judges_input(names) else ""
+
+
+# REPA's tiny-scale target, trained by the pipeline and read by no metric (xfusion.align_encoder).
+ALIGN_ENCODER_DIR = f"{R}/align_encoder"
+
+
+def uses_align_encoder():
+    return any(ALIGN_ENCODER in repa_encoder(run) for run in RUNS)
+
+
+def align_encoder_input(names):
+    return [ALIGN_ENCODER_DIR] if ALIGN_ENCODER in names else []
+
+
+def align_encoder_flag(names):
+    return f"--align-encoder {ALIGN_ENCODER_DIR}" if align_encoder_input(names) else ""
 
 
 def model_dir(wildcards):

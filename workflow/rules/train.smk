@@ -11,6 +11,7 @@ rule train_run:
     """Train one variant (python -m xfusion.train); resumes from R/runs/RUN/checkpoints."""
     input:
         lambda wc: judges_input(repa_encoder(wc.run)),
+        lambda wc: align_encoder_input(repa_encoder(wc.run)),
         base_lm=lambda wc: f"{R}/base_lm/{base_of(wc.run)}/base_model.json",
         latents=f"{R}/latents/train.safetensors",
         captions=f"{R}/captions/train.jsonl",
@@ -21,6 +22,7 @@ rule train_run:
         config=CONFIG,
         launch=lambda wc, resources: srun_launcher(resources),
         judges=lambda wc: judges_flag(repa_encoder(wc.run)),
+        align_encoder=lambda wc: align_encoder_flag(repa_encoder(wc.run)),
         out=lambda wc: f"{R}/runs/{wc.run}",
         recipe=lambda wc: recipe("train_run", wc.run),
         # Left out of the recipe (it changes no weight at a step), but it decides which step
@@ -41,4 +43,4 @@ rule train_run:
     benchmark:
         bench("train_run", "{run}")
     shell:
-        "{params.launch} {params.py} -m xfusion.train --config {params.config} --run {wildcards.run} --base-lm {input.base_lm} --latents {input.latents} --captions {input.captions} {params.judges} --out {params.out} > {log} 2>&1"
+        "{params.launch} {params.py} -m xfusion.train --config {params.config} --run {wildcards.run} --base-lm {input.base_lm} --latents {input.latents} --captions {input.captions} {params.judges} {params.align_encoder} --out {params.out} > {log} 2>&1"

@@ -3,7 +3,8 @@
 Each sample of a batch is T2I with probability `t2i_ratio`, else I2T (X-Fusion Sec. 4 and
 Fig. 5). T2I samples draw t from `training.timestep_sampling` (SD3's logit-normal) and drop their
 caption with probability `training.caption_dropout` (so CFG works at sampling); I2T samples see
-their image noised with t uniform in [0, `training.i2t_noise_max`] (0 = clean, Sec. 6.1).
+their image noised with t from the same distribution truncated to [0, `training.i2t_noise_max`]
+(0 = clean, 1 = the generation setting; Sec. 6.1, xfusion.model.flow.sample_t).
 Captions are truncated to `data.max_caption_tokens`. No VAE runs here: latents are stored once.
 
 The stream is a pure function of (seed, step): batch `step` is drawn from a generator seeded by
@@ -142,7 +143,7 @@ class MixedStream:
         # another step's randomness.
         is_t2i = torch.rand(B, generator=g) < t.t2i_ratio
         t_t2i = sample_t(B, t.timestep_sampling, g)
-        t_i2t = torch.rand(B, generator=g) * t.i2t_noise_max
+        t_i2t = sample_t(B, t.timestep_sampling, g, t_max=t.i2t_noise_max)
         drop = (torch.rand(B, generator=g) < t.caption_dropout) & is_t2i
         index = self._indices(step * B, B)
         lengths = torch.tensor([len(self.caption_ids[i]) for i in index.tolist()])

@@ -2,7 +2,9 @@
 
 Conventions follow diffusers' FlowMatchEulerDiscreteScheduler, so that the sampler can use it as
 is: its sigma is our t, and its timesteps are sigma * num_train_timesteps (1000). Logit-normal t
-(m = 0, s = 1) is SD3's default training distribution.
+(m = 0, s = 1) is SD3's default training distribution. I2T images draw t from the same
+distribution truncated to [0, `training.i2t_noise_max`] (X-Fusion Sec. 6.1: a noise limit of
+100 % is the generation setting, 0 % a clean image), by inverse-CDF sampling.
 
 References: Esser et al. 2024, "Scaling Rectified Flow Transformers" (SD3), Sec. 2 and 3.1;
 diffusers/schedulers/scheduling_flow_match_euler_discrete.py (scale_noise, step).
@@ -31,10 +33,38 @@ def to_timestep(t: torch.Tensor) -> torch.Tensor:
     return t * NUM_TRAIN_TIMESTEPS
 
 
-def sample_t(n: int, scheme: str, generator: torch.Generator | None = None) -> torch.Tensor:
-    """n training times in (0, 1): SD3 Sec. 3.1 logit-normal (m = 0, s = 1), or uniform."""
-    if scheme == "logit_normal":
-        return torch.sigmoid(torch.randn(n, generator=generator))
-    if scheme == "uniform":
+def _check_scheme(scheme: str) -> None:
+    if scheme not in ("logit_normal", "uniform"):
+        raise ValueError(f"timestep sampling {scheme!r}: must be 'logit_normal' or 'uniform'")
+
+
+def t_cdf(t: torch.Tensor, scheme: str) -> torch.Tensor:
+    """F(t) of a training distribution: logit-normal Phi(logit t), uniform t."""
+    _check_scheme(scheme)
+    return torch.special.ndtr(torch.logit(t)) if scheme == "logit_normal" else t
+
+
+def t_quantile(u: torch.Tensor, scheme: str) -> torch.Tensor:
+    """F^-1(u), the inverse of `t_cdf`: logit-normal sigmoid(Phi^-1(u)), uniform u."""
+    _check_scheme(scheme)
+    return torch.sigmoid(torch.special.ndtri(u)) if scheme == "logit_normal" else u
+
+
+def sample_t(n: int, scheme: str, generator: torch.Generator | None = None,
+             t_max: float | None = None) -> torch.Tensor:
+    """n training times: SD3 Sec. 3.1 logit-normal (m = 0, s = 1), or uniform.
+
+    t_max None: the distribution itself, in (0, 1). t_max in [0, 1]: the distribution truncated
+    to [0, t_max], drawn as t = F^-1(u F(t_max)) with u ~ U(0, 1) (exact, no rejection loop);
+    t_max = 0 gives exactly 0 (F(0) = 0, F^-1(0) = 0), t_max = 1 the whole distribution."""
+    _check_scheme(scheme)
+    if t_max is None:
+        if scheme == "logit_normal":
+            return torch.sigmoid(torch.randn(n, generator=generator))
         return torch.rand(n, generator=generator)
-    raise ValueError(f"timestep sampling {scheme!r}: must be 'logit_normal' or 'uniform'")
+    if not 0.0 <= t_max <= 1.0:
+        raise ValueError(f"t_max = {t_max}: must be in [0, 1]")
+    u = torch.rand(n, generator=generator).double()  # float32 draws: the stream's other draws
+    # stay where they were; the transform runs in float64, as Phi^-1 is steep near 0 and 1
+    f_max = t_cdf(torch.tensor(t_max, dtype=torch.float64), scheme)
+    return t_quantile(u * f_max, scheme).clamp(max=t_max).float()

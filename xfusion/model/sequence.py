@@ -4,8 +4,11 @@ Layouts (Transfusion-style, one image per sample; IMG marks the P image-token sl
   T2I: [bos] caption [BOI] IMG*P [EOI]          (the caption dropped for CFG: [bos] [BOI] ...)
   I2T: [bos] [BOI] IMG*P [EOI] caption [eos]
 Text targets are the caption tokens (and eos) of I2T samples only. The DM loss covers T2I
-images only: an I2T image noised with t > 0 (X-Fusion Sec. 6.1, `training.i2t_noise_max`) is a
-conditioning input for captioning, not a denoising example.
+images and, with `training.i2t_denoise_loss` (the default), I2T images noised with t > 0: X-Fusion
+Sec. 6.1 says Transfusion limits I2T noise to t <= 50 % "while still [treating] those noisy images
+as generation training data", and that clean I2T images "reduce the amount of denoising data
+available for generation". A clean I2T image (t = 0) has nothing to denoise and gets no DM loss;
+without the switch, a noisy I2T image only conditions the caption.
 
 References: X-Fusion Sec. 4 (training) and 6; Transfusion Sec. 3; SD3 rectified flow (flow.py).
 """
@@ -58,7 +61,7 @@ class MultimodalBatch:
     t: torch.Tensor  # (B,)
     velocity_target: torch.Tensor  # (B, C, h, w) eps - x0
     text_targets: torch.Tensor  # (B, L) long: the next token at I2T caption positions, else IGNORE
-    dm_weight: torch.Tensor  # (B,) 1 for T2I samples, 0 for I2T
+    dm_weight: torch.Tensor  # (B,) 1 for T2I images (and noisy I2T ones, see dm_weight), else 0
     target_feats: torch.Tensor | None = None  # (B, F) or (B, P, F)
 
     def to(self, device) -> "MultimodalBatch":
@@ -88,11 +91,21 @@ def prompt_tokens(task: str, caption: list[int], ids: SpecialIds, drop_caption: 
     raise ValueError(f"sample task {task!r}: must be 't2i' or 'i2t'")
 
 
+def dm_weight(sample: Sample, i2t_denoise_loss: bool) -> float:
+    """1 where the sample's image is a denoising example: every T2I image, and an I2T image
+    noised with t > 0 when `i2t_denoise_loss` (training.i2t_denoise_loss) is on; else 0."""
+    if sample.task == "t2i":
+        return 1.0
+    return float(i2t_denoise_loss and sample.t > 0)
+
+
 def build_batch(samples: list[Sample], ids: SpecialIds, patch_size: int,
                 generator: torch.Generator | None = None,
-                noise: torch.Tensor | None = None) -> MultimodalBatch:
+                noise: torch.Tensor | None = None,
+                i2t_denoise_loss: bool = True) -> MultimodalBatch:
     """Lay out, right-pad and noise a list of samples: with `noise` (B, C, h, w) when given (the
-    training stream's per-sample draws), else drawn from `generator`."""
+    training stream's per-sample draws), else drawn from `generator`. `i2t_denoise_loss`: noisy
+    I2T images get the DM loss too (`dm_weight`)."""
     if not samples:
         raise ValueError("build_batch: no samples")
     C, h, w = samples[0].latents.shape
@@ -127,5 +140,5 @@ def build_batch(samples: list[Sample], ids: SpecialIds, patch_size: int,
         input_ids=input_ids, image_mask=image_mask, span_ids=image_mask.long(), valid=valid,
         noisy_latents=add_noise(x0, noise, t), t=t, velocity_target=velocity_target(x0, noise),
         text_targets=text_targets,
-        dm_weight=torch.tensor([float(s.task == "t2i") for s in samples]),
+        dm_weight=torch.tensor([dm_weight(s, i2t_denoise_loss) for s in samples]),
         target_feats=None if feats[0] is None else torch.stack(feats).float())

@@ -117,8 +117,8 @@ class XFusionModel(nn.Module):
 
     def build_batch(self, samples: list[Sample], generator: torch.Generator | None = None,
                     noise: torch.Tensor | None = None):
-        return build_batch(samples, self.ids, self.cfg.model.patch_size, generator,
-                           noise).to(self.device)
+        return build_batch(samples, self.ids, self.cfg.model.patch_size, generator, noise,
+                           self.cfg.training.i2t_denoise_loss).to(self.device)
 
     @property
     def device(self) -> torch.device:
@@ -242,7 +242,8 @@ class XFusionModel(nn.Module):
         return (x_t.to(out.dtype) - out) / t
 
     def compute_loss(self, batch: MultimodalBatch) -> LossOutput:
-        """lambda_AR * CE(I2T caption tokens) + lambda_DM * MSE(velocity of T2I images)
+        """lambda_AR * CE(I2T caption tokens) + lambda_DM * MSE(velocity of the batch's
+        denoising images: T2I, and noisy I2T with training.i2t_denoise_loss)
         [+ repa.weight * (1 - cos)]; each term is a mean over its own tokens/samples."""
         t = self.cfg.training
         repa_layer = (self.repa.layer,) if self.repa is not None else ()
@@ -253,7 +254,7 @@ class XFusionModel(nn.Module):
         has_target = batch.text_targets != IGNORE  # (B, L)
         ar = (F.cross_entropy(self.text_head(h[has_target]).float(), batch.text_targets[has_target])
               if has_target.any() else self._unused_text_head(h))
-        # Flow-matching loss on T2I images (dm_weight 0 for I2T).
+        # Flow-matching loss on the images dm_weight marks (T2I; noisy I2T when switched on).
         v = self.velocity(h[batch.image_mask].view(B, -1, h.shape[-1]),
                           tuple(batch.noisy_latents.shape[-2:]), batch.noisy_latents, batch.t)
         mse = (v.float() - batch.velocity_target.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
