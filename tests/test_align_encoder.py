@@ -71,17 +71,22 @@ def _jobs(plan: str) -> list[tuple[str, list[str], str]]:
     return out
 
 
-def test_the_align_encoder_trains_on_train_scene_records_and_feeds_training_only(tiny_plan):
-    """What the rules read: the align encoder's only data are the train split's images and scene
-    records (no caption, no held-out image); the judges fit image-caption pairs, the attribute
-    classifier another module's objective; no metric job reads the align encoder, and every
-    REPA run trains toward it, not toward the CLIP judge."""
+def test_the_align_encoder_trains_on_its_own_split_and_feeds_training_only(tiny_plan):
+    """What the rules read: the align encoder's only data are the align split's images and scene
+    records, which no other job reads (no evaluator, no training run, no caption); the judges fit
+    image-caption pairs, the attribute classifier another module's objective; no metric job
+    reads the align encoder, and every REPA run trains toward it, not toward the CLIP judge."""
     R, plan = tiny_plan
     jobs = _jobs(plan)
     [(_, inputs, command)] = [j for j in jobs if j[0] == "align_encoder"]
-    assert sorted(inputs) == [f"{R}/world/train/images", f"{R}/world/train/scenes.jsonl"]
+    assert sorted(inputs) == [f"{R}/world/align/images", f"{R}/world/align/scenes.jsonl"]
     assert "-m xfusion.align_encoder " in command
-    assert not re.search(r"heldout|captions", command + " ".join(inputs))
+    assert not re.search(r"heldout|train|captions", command + " ".join(inputs))
+    others = [(rule, i, c) for rule, i, c in jobs if rule not in ("align_encoder", "world")]
+    assert not [rule for rule, i, c in others if "/world/align" in " ".join(i) + c]
+    evaluators = [" ".join(i) + c for rule, i, c in others
+                  if rule in ("judges", "attribute_classifier")]
+    assert len(evaluators) == 2 and all("/world/train/" in e for e in evaluators)
     [(_, judge_inputs, _)] = [j for j in jobs if j[0] == "judges"]
     assert f"{R}/captions/train.jsonl" in judge_inputs  # image-text objectives
     [(_, _, classifier)] = [j for j in jobs if j[0] == "attribute_classifier"]
@@ -95,7 +100,7 @@ def test_the_align_encoder_trains_on_train_scene_records_and_feeds_training_only
 
 
 def _toy(root: Path) -> Path:
-    """A 40 + 16 image toy world with captions, and tiny.yaml set to train every model on it in
+    """A 40 + 16 + 24 (align) image toy world with captions, and tiny.yaml set to train every model on it in
     a few steps at widths where the judges' vision towers match the align encoder's shapes."""
     raw = yaml.safe_load((ROOT / "config" / "tiny.yaml").read_text())
     raw["results_dir"] = str(root)
@@ -105,7 +110,7 @@ def _toy(root: Path) -> Path:
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump(raw))
     data = load_run(config).data
-    for split, n in (("train", 40), ("heldout", 16)):
+    for split, n in (("train", 40), ("heldout", 16), ("align", 24)):
         write_split(root / "world", split, n, data, seed=0)
         caption_file(root / "world" / split / "scenes.jsonl", root / "captions" / f"{split}.jsonl",
                      data.captioner, "stop")
@@ -118,8 +123,8 @@ def test_saved_align_encoder_shares_no_tensor_with_any_evaluator(tmp_path):
     (constant tensors, such as an untouched norm's ones, are no shared weights)."""
     config = _toy(tmp_path)
     world, caps = tmp_path / "world", tmp_path / "captions"
-    align_encoder.main(["--config", str(config), "--train-scenes",
-                        str(world / "train" / "scenes.jsonl"), "--out", str(tmp_path / "align")])
+    align_encoder.main(["--config", str(config), "--scenes",
+                        str(world / "align" / "scenes.jsonl"), "--out", str(tmp_path / "align")])
     judges.main(["--config", str(config), "--scenes", str(world / "heldout" / "scenes.jsonl"),
                  "--captions", str(caps / "heldout.jsonl"), "--train-scenes",
                  str(world / "train" / "scenes.jsonl"), "--train-captions",
@@ -148,5 +153,5 @@ def test_a_scale_without_scene_records_cannot_train_it(tmp_path):
     scenes = tmp_path / "scenes.jsonl"
     scenes.write_text('{"id": "a", "image": "a.png"}\n')
     with pytest.raises(SystemExit, match="scene records"):
-        align_encoder.main(["--config", str(ROOT / "config" / "tiny.yaml"), "--train-scenes",
+        align_encoder.main(["--config", str(ROOT / "config" / "tiny.yaml"), "--scenes",
                             str(scenes), "--out", str(tmp_path / "out")])

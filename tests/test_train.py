@@ -290,8 +290,9 @@ def test_repa_targets_come_from_the_clip_judge_once_per_image(world, tmp_path, m
 
 
 def test_repa_with_the_align_encoder_trains_toward_its_penultimate_features(world, tmp_path):
-    """The tiny default target: xfusion.align_encoder's ViT, trained by its entry point on the
-    train split, read through --align-encoder (never --judges) in a real training run."""
+    """The tiny default target: xfusion.align_encoder's ViT, trained by its entry point (the DAG
+    gives it the world's align split; the fixture's train split stands in for it here), read
+    through --align-encoder (never --judges) in a real training run."""
     from xfusion import align_encoder
 
     raw = apply_overrides(load_yaml(world["config"]), {
@@ -301,7 +302,7 @@ def test_repa_with_the_align_encoder_trains_toward_its_penultimate_features(worl
     assert load_run(config, "size_m_align_on").model.repa.encoder == "align_encoder"
     encoder = tmp_path / "align_encoder"
     scenes = world["R"] / "world" / "train" / "scenes.jsonl"
-    align_encoder.main(["--config", str(config), "--train-scenes", str(scenes),
+    align_encoder.main(["--config", str(config), "--scenes", str(scenes),
                         "--out", str(encoder)])
     out = tmp_path / "R" / "runs" / "size_m_align_on"
     argv = _argv({**world, "config": config}, out, run="size_m_align_on")

@@ -155,7 +155,7 @@ def metric(value, details=None):  # named as the file: the metric's one name
                            "step": int(opt("--step")) if opt("--step") else None, "n": 1,
                            "details": details or {}}))
 if module == "xfusion.data.world":
-    for split in ("train", "heldout"):
+    for split in ("train", "heldout", "align"):
         write(out / split / "scenes.jsonl")
         (out / split / "images").mkdir(parents=True, exist_ok=True)
     write(out / "corpus.txt", "fact\n")

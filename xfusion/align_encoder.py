@@ -5,22 +5,22 @@ Why a separate encoder: X-Fusion Supp. A aligns the vision tower's hidden states
 penultimate features. At tiny scale the pipeline's CLIP judge is also FID's feature extractor and
 the CLIP scorer (eval/judges.py), so aligning to it would train the model toward its evaluators'
 own feature space and inflate the measured gain of alignment (Supp. Fig. B). This encoder shares
-no weights and no objective with any evaluator:
+no weights, no objective and no data with any evaluator:
 
 - CLIP judge (FID features, CLIP score, BERTScore) and ITM judge (BLIP): train-split
   image-caption pairs; image-text contrastive and matching objectives.
 - attribute classifier (eval/attribute_classifier.py, t2i_attr_acc): train-split images and
   scene records; a CNN names the shape and colour of each of the five position cells through one
   global head.
-- align_encoder (this module): train-split images and scene records, minus
-  `model.repa.align.val_fraction` kept to measure it; a ViT names, at every patch, the shape,
-  colour and size of the object under it, or background.
+- align_encoder (this module): the images and scene records of the world's own `align` split
+  (`data.n_align` images drawn like the others but seen by no evaluator and no training run),
+  minus `model.repa.align.val_fraction` kept to measure it; a ViT names, at every patch, the
+  shape, colour and size of the object under it, or background.
 
-The data split is the train split, like every evaluator's (the split the model trains on, so its
-REPA targets are features of images the encoder has seen, as CLIP's are of web images); none of
-them reads the held-out split, on which every metric is measured. The objective is what differs:
-no caption is read, and the labels are dense (per patch, with size and background) rather than a
-scene readout. Supervised rather than self-supervised: the tiny world's labels are exact and
+Its data is a split of its own, as CLIP's web images are neither COCO's nor the model's; the
+metrics are measured on the held-out split, which no trained component reads. The objective
+differs too: no caption is read, and the labels are dense (per patch, with size and background)
+rather than a scene readout. Supervised rather than self-supervised: the tiny world's labels are exact and
 free, a few hundred CPU steps learn them, and the augmentations a contrastive encoder relies on
 (colour jitter, crops) would erase the colour and position the model must learn; dense labels
 give one meaningful feature per patch, which REPA aligns token by token.
@@ -29,10 +29,10 @@ Saved as a transformers `CLIPVisionModel` with its `CLIPImageProcessor` (the tra
 dropped), so xfusion.train reads its penultimate patch features with the code that reads a
 pretrained CLIP's at paper scale. Its width is `model.repa.feature_dim`.
 
-    python -m xfusion.align_encoder --config C --train-scenes R/world/train/scenes.jsonl \
+    python -m xfusion.align_encoder --config C --scenes R/world/align/scenes.jsonl \
         --out R/align_encoder
 
-writes the model dir and `quality.json` (per-patch accuracies on the kept-out train images,
+writes the model dir and `quality.json` (per-patch accuracies on the kept-out align images,
 beside the majority class's share).
 
 References: REPA (Yu et al. 2025; the target is a frozen pretrained encoder, DINOv2 at best);
@@ -138,19 +138,19 @@ def quality(model: CLIPVisionModel, head: nn.Module, pixels: torch.Tensor,
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True)
-    p.add_argument("--train-scenes", required=True, help="R/world/train/scenes.jsonl")
+    p.add_argument("--scenes", required=True, help="R/world/align/scenes.jsonl")
     p.add_argument("--out", required=True, type=Path, help="R/align_encoder")
     args = p.parse_args(argv)
     cfg = load_run(args.config)
-    rows = read_jsonl(args.train_scenes)
+    rows = read_jsonl(args.scenes)
     if any(r.get("scene") is None for r in rows):
-        raise SystemExit(f"{args.train_scenes}: records without a scene; the align encoder needs "
+        raise SystemExit(f"{args.scenes}: records without a scene; the align encoder needs "
                          "the tiny world's scene records (data.source: world)")
     torch.manual_seed(cfg.seed)
     model, processor = build_encoder(cfg)
     head = nn.Sequential(nn.LayerNorm(cfg.model.repa.feature_dim),
                          nn.Linear(cfg.model.repa.feature_dim, sum(map(len, vocab().values()))))
-    images = [Image.open(resolve_image(r["image"], args.train_scenes)).convert("RGB") for r in rows]
+    images = [Image.open(resolve_image(r["image"], args.scenes)).convert("RGB") for r in rows]
     pixels = processor(images=images, return_tensors="pt")["pixel_values"]  # (N, 3, S, S)
     grid = cfg.data.image_size // cfg.model.repa.align.patch_size
     labels = torch.stack([patch_labels(r["scene"], grid) for r in rows])  # (N, P, 3)
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
               "n_val": n_val, "steps": cfg.model.repa.align.steps,
               "train_seconds": round(time.perf_counter() - start, 1),
               "final_loss": float(torch.tensor(losses[-20:]).mean()),
-              "trained_on": f"{args.train_scenes} minus {n_val} validation images"}
+              "trained_on": f"{args.scenes} minus {n_val} validation images"}
     with atomic_dir(args.out) as tmp:  # the head stays behind: REPA reads the encoder only
         for part in (model, processor):
             part.save_pretrained(tmp)

@@ -212,6 +212,10 @@ class DataConfig:
     image_size: int = 32
     n_train: int = 2000
     n_heldout: int = 256
+    # A third world split that only the tiny alignment encoder (model.repa.encoder:
+    # align_encoder) trains on, so that no evaluator (judges, attribute classifier) shares its
+    # training data; 0: no such split (paper scale aligns to a pretrained CLIP).
+    n_align: int = 0
     max_shapes: int = 3
     n_corpus_facts: int = 4000
     # Scene descriptions (a random scene's record, then its caption; no image) in the corpus:
@@ -422,6 +426,9 @@ def validate(run: RunConfig) -> RunConfig:
     _check(m.repa.layer >= 1, "model.repa.layer", m.repa.layer, "must be >= 1")
     _check(m.repa.projector in REPA_PROJECTORS, "model.repa.projector", m.repa.projector,
            f"must be one of {', '.join(REPA_PROJECTORS)}")
+    _check(not (m.repa.enabled and m.repa.encoder == ALIGN_ENCODER) or d.n_align > 0,
+           "data.n_align", d.n_align,
+           "must be > 0 when model.repa.encoder is align_encoder: its images are that split")
     _check(0.0 < m.repa.align.val_fraction < 1.0, "model.repa.align.val_fraction",
            m.repa.align.val_fraction, "must be in (0, 1)")
     _check(d.source in ("world", "folder"), "data.source", d.source, "must be 'world' or 'folder'")
@@ -434,6 +441,7 @@ def validate(run: RunConfig) -> RunConfig:
            "must be a positive multiple of model.codec.downsample * model.patch_size")
     for key in ("n_train", "n_heldout"):
         _check(getattr(d, key) > 0, f"data.{key}", getattr(d, key), "must be > 0")
+    _check(d.n_align >= 0, "data.n_align", d.n_align, "must be >= 0")
     _check(t.steps > 0, "training.steps", t.steps, "must be > 0")
     _check(t.tokens_per_batch > 0, "training.tokens_per_batch", t.tokens_per_batch, "must be > 0")
     _check(t.lr > 0, "training.lr", t.lr, "must be > 0")

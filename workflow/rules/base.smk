@@ -69,11 +69,12 @@ if uses_judges():
 if uses_align_encoder():
 
     rule align_encoder:
-        """Train the tiny REPA target (a ViT parsing scenes patch by patch) on the train split's
-        images and scene records only; quality.json measures it on train images kept out."""
+        """Train the tiny REPA target (a ViT parsing scenes patch by patch) on the world's align
+        split only (data.n_align images no evaluator sees); quality.json measures it on align
+        images kept out."""
         input:
-            train_scenes=f"{R}/world/train/scenes.jsonl",
-            train_images=f"{R}/world/train/images",
+            scenes=f"{ALIGN_SPLIT}/scenes.jsonl",
+            images=f"{ALIGN_SPLIT}/images",
         output:
             directory(ALIGN_ENCODER_DIR),
         params:
@@ -88,4 +89,4 @@ if uses_align_encoder():
         benchmark:
             bench("align_encoder")
         shell:
-            "{params.py} -m xfusion.align_encoder --config {params.config} --train-scenes {input.train_scenes} --out {output} > {log} 2>&1"
+            "{params.py} -m xfusion.align_encoder --config {params.config} --scenes {input.scenes} --out {output} > {log} 2>&1"

@@ -196,6 +196,14 @@ def judges_flag(names):
 
 # REPA's tiny-scale target, trained by the pipeline and read by no metric (xfusion.align_encoder).
 ALIGN_ENCODER_DIR = f"{R}/align_encoder"
+ALIGN_SPLIT = f"{R}/world/align"  # data.n_align images: the align encoder's data, no evaluator's
+
+
+def align_split_outputs():
+    """The world's align split, when the recipe has one (rule world)."""
+    if not RECIPE.data.n_align:
+        return {}
+    return {"align": f"{ALIGN_SPLIT}/scenes.jsonl", "align_images": directory(f"{ALIGN_SPLIT}/images")}
 
 
 def uses_align_encoder():

@@ -12,6 +12,7 @@ if world_source():
             heldout_images=directory(f"{R}/world/heldout/images"),
             corpus=f"{R}/world/corpus.txt",
             mmlu=directory(f"{R}/world/mmlu"),
+            **align_split_outputs(),
         params:
             py=PY,
             config=CONFIG,

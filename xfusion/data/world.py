@@ -406,10 +406,12 @@ def write_text_data(out: Path, data: DataConfig, seed: int) -> None:
 
 
 def generate_world(out: Path, data: DataConfig, seed: int) -> None:
-    """Everything under `out` (R/world): corpus, tiny MMLU, both image splits."""
+    """Everything under `out` (R/world): corpus, tiny MMLU, the image splits (train, heldout,
+    and align when `data.n_align` > 0: the alignment encoder's own images, see DataConfig)."""
     write_text_data(out, data, seed)
-    for split, n in (("train", data.n_train), ("heldout", data.n_heldout)):
-        write_split(out, split, n, data, seed)
+    for split, n in (("train", data.n_train), ("heldout", data.n_heldout), ("align", data.n_align)):
+        if n:
+            write_split(out, split, n, data, seed)
 
 
 def main() -> None:
