@@ -209,6 +209,38 @@ def draw(exp: Experiment, frame: pd.DataFrame, reference: Mapping[str, Any],
     return fig
 
 
+VERDICT_COLOURS = {"reproduced": "tab:green", "contradicted": "tab:red",
+                   "inconclusive": "tab:gray"}
+
+
+def draw_scorecard(frame: pd.DataFrame) -> plt.Figure:
+    """The findings scorecard (eval.findings' CSV): a panel per finding, in its metric's units,
+    its effect and 95 % interval against zero (and the margin of same / no_better), coloured by
+    verdict."""
+    fig, axes = plt.subplots(max(len(frame), 1), 1, figsize=(9, 0.75 * max(len(frame), 1) + 0.6),
+                             squeeze=False)
+    low, high = interval_columns("effect")
+    for ax, row in zip(axes[:, 0], frame.itertuples(index=False)):
+        colour = VERDICT_COLOURS.get(row.verdict, "tab:gray")
+        ax.axvline(0, color="black", linewidth=0.8)
+        if pd.notna(row.margin):
+            ax.axvspan(-row.margin, row.margin, color="tab:blue", alpha=0.1, linewidth=0)
+        if pd.notna(row.effect):
+            bounds = [getattr(row, low), getattr(row, high)]
+            if all(pd.notna(b) for b in bounds):
+                ax.plot(bounds, [0, 0], color=colour, linewidth=3)
+            ax.plot([row.effect], [0], "o", color=colour)
+        ax.set_yticks([])
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_title(f"{row.source}: {row.claim}  [{row.metric}, paper {row.paper_direction}]",
+                     fontsize=7, loc="left")
+        ax.text(1.01, 0.5, row.verdict, transform=ax.transAxes, color=colour, fontsize=8,
+                va="center")
+    fig.suptitle("Findings: our effect (a - b) and its 95 % Welch interval over seeds", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def save(fig: plt.Figure, outputs: Sequence[str | Path]) -> None:
     """Write each output atomically, its format from its suffix (png, pdf)."""
     for out in map(Path, outputs):

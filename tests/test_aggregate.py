@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from eval import aggregate
-from xfusion.config import MEASURES, ConfigError, experiments_from_dict, load_yaml, resolve_run
+from xfusion.config import MEASURES, ConfigError, all_runs, experiments_from_dict, load_yaml
+from xfusion.config import resolve_run, run_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "config" / "tiny.yaml"
@@ -285,3 +286,38 @@ def test_metric_files_of_a_run_outside_the_experiment_are_refused(tmp_path):
 
 def test_one_builder_per_measure():
     assert set(aggregate.BUILDERS) == set(MEASURES)
+
+
+# ---- seed replicates (xfusion.config.seed_replicates) -------------------------------------------
+
+
+def test_seed_replicates_are_named_by_seed_and_shared_between_experiments():
+    """table1 with 3 seeds and tableA with 2 share dual_tower and dual_tower_seed1: each is one
+    run (trained once), with the recipe's overrides plus its training seed."""
+    raw = load_yaml(CONFIG)
+    raw["experiments"]["tableA"]["seeds"] = 2
+    exps = experiments_from_dict(raw)
+    assert exps["tableA"].groups == {"dual_tower": ("dual_tower", "dual_tower_seed1")}
+    runs = all_runs(raw)
+    assert runs["dual_tower"] == {} and runs["dual_tower_seed2"] == {"training.seed": 2}
+    assert runs["ratio_50_50_seed1"] == {"training.t2i_ratio": 0.5, "training.seed": 1}
+    assert resolve_run(raw, "ratio_50_50_seed1").training.seed == 1
+    assert run_groups(raw)["ratio_50_50_seed2"] == "ratio_50_50"
+
+
+def test_a_runs_own_training_seed_starts_its_replicates():
+    raw = load_yaml(CONFIG)
+    raw["experiments"]["figure8"]["runs"]["x_fuse"]["training.seed"] = 5
+    assert experiments_from_dict(raw)["figure8"].groups["x_fuse"] == (
+        "x_fuse", "x_fuse_seed6", "x_fuse_seed7")
+
+
+def test_a_run_named_like_another_runs_replicate_is_refused():
+    raw = load_yaml(CONFIG)
+    raw["experiments"]["figure8"]["runs"]["x_fuse_seed1"] = {"model.architecture": "dual_tower"}
+    with pytest.raises(ConfigError, match="figure8.runs.x_fuse_seed1.*seed replicate of x_fuse"):
+        experiments_from_dict(raw)
+    raw = load_yaml(CONFIG)
+    raw["seeds"] = 0
+    with pytest.raises(ConfigError, match="config.seeds = 0: the number of training seeds"):
+        experiments_from_dict(raw)

@@ -62,6 +62,11 @@ def test_tiny_dry_run_plans_every_table_and_figure(tiny_plan):
         if exp.kind == "figure":
             assert f"/tiny/figures/{name}.png" in tiny_plan
             assert f"/tiny/figures/{name}.pdf" in tiny_plan
+    # the findings scorecard, computed from the tables and published like them
+    assert "/tiny/tables/findings.csv" in tiny_plan and "output: results/findings.csv" in tiny_plan
+    assert "/tiny/figures/findings.png" in tiny_plan
+    (block,) = jobs(tiny_plan, "findings")
+    assert "input: " in block and "/tiny/tables/table1.csv" in block.split("output:")[0]
 
 
 def test_each_run_trained_once_and_shared_runs_not_duplicated(tiny_plan):
@@ -70,11 +75,18 @@ def test_each_run_trained_once_and_shared_runs_not_duplicated(tiny_plan):
     assert counts["train_run"] == len(runs)
     trained = [re.search(r"wildcards: run=(\w+)", b).group(1) for b in jobs(tiny_plan, "train_run")]
     assert sorted(trained) == sorted(runs)  # dual_tower appears in 6 experiments, trained once
+    # each run once per seed: its replicates are runs of their own, shared like it
+    seeds = TINY["seeds"]
+    assert seeds >= 3 and {"dual_tower", "dual_tower_seed1", "dual_tower_seed2"} <= set(trained)
+    assert len(trained) == seeds * len({g for e in experiments_from_dict(TINY).values()
+                                        for g in e.groups})
     assert counts["world"] == 1 and counts["tokenizer"] == 1 and counts["judges"] == 1
     assert counts["caption"] == 2 and counts["latents"] == 2
     assert counts["base_lm"] == 3  # tiny_base, tiny_s, tiny_l (Supp. Fig. B sizes)
-    assert counts["aggregate"] == counts["publish"] == len(experiments_from_dict(TINY))
-    assert counts["linear_probe"] == 2 and counts["caption_metrics"] == 1
+    assert counts["aggregate"] == len(experiments_from_dict(TINY))
+    # the findings scorecard: one job from the tables, published like them
+    assert counts["findings"] == 1 and counts["publish"] == counts["aggregate"] + 1
+    assert counts["linear_probe"] == 2 * seeds and counts["caption_metrics"] == 1
     # ground-truth attribute metrics wherever FID is measured; their classifier trained once
     assert counts["attribute_classifier"] == 1
     assert counts["geneval"] == counts["caption_attributes"] == counts["fid"]
@@ -234,7 +246,8 @@ def test_forcerun_train_reruns_exactly_its_dependents(executed):
                            "geneval", "caption_attributes", "mmlu", "aggregate", "publish",
                            "plot"}
     # not data, base LLM, judges, attribute classifier, base MMLU
-    assert counts["train_run"] == 8  # table1's 4 architectures + figure5's other 4 ratios
+    # table1's 4 architectures + figure5's other 4 ratios, each with its seeds
+    assert counts["train_run"] == 8 * TINY["seeds"]
 
 
 def test_forcing_one_run_reruns_only_that_run_and_its_figure(executed):
@@ -272,7 +285,8 @@ def test_a_new_figure_of_an_existing_measure_is_config_only(executed, tmp_path):
                                                     "results/tiny/figures/blip_by_ratio.png"])
     assert job_counts(out) == {"aggregate": 1, "plot": 1}
     frame = pd.read_csv(work / "results" / "tiny" / "tables" / "blip_by_ratio.csv")
-    assert list(frame.columns) == ["run", "step", "blip", "t2i_ratio", "t2i_tokens_seen",
+    assert list(frame.columns) == ["run", "step", "n_seeds", "blip", "blip_t95_low",
+                                   "blip_t95_high", "t2i_ratio", "t2i_tokens_seen",
                                    "i2t_tokens_seen"]
     first, last = resolve_run(TINY, "dual_tower").training.eval_steps
     assert frame.blip.tolist() == [20.0] * 4  # the stand-in's value, at both eval steps
@@ -327,6 +341,11 @@ def planned(output: str) -> dict[str, set[str]]:
                    for block in jobs(output, rule)} for rule in job_counts(output)}
 
 
+def replicates(run: str) -> tuple[str, ...]:
+    """The run and its seed replicates (xfusion.config.seed_replicates)."""
+    return next(e.groups[run] for e in experiments_from_dict(TINY).values() if run in e.groups)
+
+
 def changed(dotted: str, value, run: str | None = None) -> dict:
     """tiny.yaml with `dotted` set in the recipe, or in the overrides of `run` wherever an
     experiment declares it (a run means the same overrides everywhere)."""
@@ -349,8 +368,9 @@ def test_changing_one_runs_t2i_ratio_reruns_that_run_and_its_figure_only(execute
     plan, out = executed_with_probe(changed("training.t2i_ratio", 0.4, run="ratio_50_50"))
     steps = sorted(resolve_run(TINY, "ratio_50_50").training.eval_steps)
     assert len(steps) == 2  # figure5 measures every eval step
-    evaluated = {f"run=ratio_50_50, step={s}" for s in steps}
-    assert plan == {"train_run": {"run=ratio_50_50"},
+    seeds = replicates("ratio_50_50")  # the run's seed replicates change with it
+    evaluated = {f"run={r}, step={s}" for r in seeds for s in steps}
+    assert plan == {"train_run": {f"run={r}" for r in seeds},
                     **{rule: evaluated for rule in ("sample_t2i", "sample_i2t", "fid", "clip_score",
                                                     "itm", "geneval", "caption_attributes")},
                     "aggregate": {"experiment=figure5"}, "plot": {"experiment=figure5"}}
@@ -361,7 +381,7 @@ def test_changing_one_runs_t2i_ratio_reruns_that_run_and_its_figure_only(execute
 def test_changing_probe_epochs_reruns_only_probe_jobs_and_their_figure(executed_with_probe):
     plan, _ = executed_with_probe(changed("evaluation.probe_epochs", 3))
     probed = {f"run={run}, step={max(resolve_run(TINY, run).training.eval_steps)}"
-              for run in ("dual_tower", "noise_50")}  # figureD reads the last step only
+              for run in (*replicates("dual_tower"), *replicates("noise_50"))}  # the last step
     assert plan == {"linear_probe": probed,
                     "aggregate": {"experiment=figureD"}, "plot": {"experiment=figureD"}}
 

@@ -62,12 +62,13 @@ class Metric:
     label: str  # axis label of the figures
     percent: bool = False  # a fraction in the JSON, a percentage in tables and figures
     world_only: bool = False  # reads the tiny world's scene records (data.source: world)
+    lower_is_better: bool = False  # FID: the findings scorecard (eval.findings) reads it
 
 
 # The paper's column names. Written by eval.fid, eval.clip_score, eval.itm (BLIP-2 image-text
 # matching, x100), eval.mmlu, eval.linear_probe, eval.geneval and eval.caption_attributes.
 METRICS = {
-    "fid": Metric("FID (lower is better)"),
+    "fid": Metric("FID (lower is better)", lower_is_better=True),
     "clip": Metric("CLIP score"),
     "blip": Metric("BLIP (ITM) score"),
     "mmlu": Metric("MMLU (%)", percent=True),
