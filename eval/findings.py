@@ -1,11 +1,12 @@
 """The findings scorecard: each finding of the papers tested on our tables, one row per finding.
 
-    python -m eval.findings --reference reference/paper_results.yaml \
+    python -m eval.findings --findings reference/findings.yaml \
         --tables table1=R/tables/table1.csv figure5=R/tables/figure5.csv … \
         --out R/tables/findings.csv --figures R/figures/findings.png R/figures/findings.pdf
 
-The findings are declared in the reference, `<paper>.scorecard` (the paper's direction is a
-published fact; the keys are documented there), and measured on the tables eval.aggregate writes,
+The findings are declared in reference/findings.yaml, under their paper, each tied to the
+paper's words in reference/paper_results.yaml (`text`: a key of `<paper>.findings`; the paper's
+direction is a published fact; the keys are documented there), and measured on the tables eval.aggregate writes,
 nothing else: the same rule runs at every scale. A finding is one or more contrasts of runs on one
 metric. A contrast's effect is a difference of run means over seeds, a - b in the metric's units
 (a and b each a run, or a run's gain x - y; no b: a against zero); its 95 % interval is Welch's
@@ -54,6 +55,7 @@ class Contrast:
 @dataclass(frozen=True)
 class Finding:
     name: str
+    text: str  # the key of the paper's free-text finding (reference/paper_results.yaml)
     claim: str
     source: str
     table: str
@@ -81,12 +83,12 @@ def _term(value: Any, where: str) -> tuple[str, ...]:
     return runs
 
 
-def declared(reference: Mapping[str, Any]) -> list[Finding]:
-    """Every `<paper>.scorecard` entry of the reference, checked, in file order."""
+def declared(declarations: Mapping[str, Any]) -> list[Finding]:
+    """Every entry of reference/findings.yaml (`<paper>.<finding>`), checked, in file order."""
     out = []
-    for paper, section in reference.items():
-        for name, spec in ((section or {}).get("scorecard") or {}).items():
-            where = f"{paper}.scorecard.{name}"
+    for paper, section in declarations.items():
+        for name, spec in (section or {}).items():
+            where = f"{paper}.{name}"
             spec = dict(spec)
             direction = spec.get("direction")
             if direction not in DIRECTIONS:
@@ -101,14 +103,15 @@ def declared(reference: Mapping[str, Any]) -> list[Finding]:
                 raise ValueError(f"{where}.contrasts: at least one, each with a run `a`")
             if any(c.match and (len(c.a), len(c.b)) != (1, 1) for c in contrasts):
                 raise ValueError(f"{where}.contrasts: `match` compares one run a with one run b")
-            out.append(Finding(name, spec["claim"], spec["source"], spec["table"], spec["metric"],
-                               direction, contrasts, spec.get("margin"), tuple(spec.get("each", ()))))
+            out.append(Finding(name, spec["text"], spec["claim"], spec["source"], spec["table"],
+                               spec["metric"], direction, contrasts, spec.get("margin"),
+                               tuple(spec.get("each", ()))))
     return out
 
 
-def tables_read(reference: Mapping[str, Any]) -> list[str]:
+def tables_read(declarations: Mapping[str, Any]) -> list[str]:
     """The experiments whose tables the scorecard reads (the rule's inputs)."""
-    return list(dict.fromkeys(f.table for f in declared(reference)))
+    return list(dict.fromkeys(f.table for f in declared(declarations)))
 
 
 # ---- measuring one contrast ---------------------------------------------------------------------
@@ -273,19 +276,19 @@ def score(f: Finding, tables: Mapping[str, pd.DataFrame]) -> dict[str, Any]:
             "seeds": pick.seeds, "verdict": VERDICTS[worst], "note": note}
 
 
-def scorecard(reference: Mapping[str, Any], tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
-    return pd.DataFrame([score(f, tables) for f in declared(reference)], columns=COLUMNS)
+def scorecard(declarations: Mapping[str, Any], tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    return pd.DataFrame([score(f, tables) for f in declared(declarations)], columns=COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--reference", required=True, help="reference/paper_results.yaml")
+    p.add_argument("--findings", required=True, help="reference/findings.yaml")
     p.add_argument("--tables", nargs="*", default=[], help="EXPERIMENT=R/tables/EXPERIMENT.csv")
     p.add_argument("--out", required=True, help="R/tables/findings.csv")
     p.add_argument("--figures", nargs="*", default=[], help="R/figures/findings.{png,pdf}")
     args = p.parse_args(argv)
     tables = {name: pd.read_csv(path) for name, path in (t.split("=", 1) for t in args.tables)}
-    frame = scorecard(load_yaml(args.reference), tables)
+    frame = scorecard(load_yaml(args.findings), tables)
     write_csv(frame, args.out)
     if args.figures:
         from eval import plots  # matplotlib only where a figure is asked for

@@ -11,11 +11,12 @@ import pytest
 from scipy import stats
 
 from eval import findings
-from test_aggregate import CONFIG, PAPER, REFERENCE, run_aggregate
+from test_aggregate import CONFIG, PAPER, REFERENCE, ROOT, run_aggregate
 from xfusion.config import experiments_from_dict, load_yaml
 
 T975_2 = 4.302653  # Student t, 97.5 % quantile, 2 degrees of freedom (3 seeds)
-DECLARED = findings.declared(load_yaml(REFERENCE))
+FINDINGS = ROOT / "reference" / "findings.yaml"
+DECLARED = findings.declared(load_yaml(FINDINGS))
 
 
 def finding(name: str) -> findings.Finding:
@@ -185,9 +186,9 @@ def test_every_declared_finding_is_measurable_on_the_configured_experiments(conf
 def test_scorecard_of_aggregated_tables_has_a_row_per_finding(tmp_path):
     """eval.findings on eval.aggregate's CSVs of the tiny config: one row per declared finding,
     each measured (an effect, an interval from 3 seeds), and its figure."""
-    argv = ["--reference", str(REFERENCE), "--out", str(tmp_path / "findings.csv"),
+    argv = ["--findings", str(FINDINGS), "--out", str(tmp_path / "findings.csv"),
             "--figures", str(tmp_path / "findings.png")]
-    tables = findings.tables_read(load_yaml(REFERENCE))
+    tables = findings.tables_read(load_yaml(FINDINGS))
     for name in tables:
         run_aggregate(tmp_path / name, name)
     findings.main([*argv, "--tables", *(f"{n}={tmp_path / n / f'{n}.csv'}" for n in tables)])
@@ -198,6 +199,16 @@ def test_scorecard_of_aggregated_tables_has_a_row_per_finding(tmp_path):
     assert card.seeds.str.startswith("3").all()
     assert (tmp_path / "findings.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     plt.close("all")
+
+
+def test_each_declared_finding_names_a_finding_the_paper_states():
+    """Every entry is tied to the paper's words (reference/paper_results.yaml `findings`), and
+    every finding the papers state there is measured by at least one entry."""
+    reference = load_yaml(REFERENCE)
+    declarations = load_yaml(FINDINGS)
+    for paper, entries in declarations.items():
+        texts = reference[paper]["findings"]
+        assert {e["text"] for e in entries.values()} == set(texts), paper
 
 
 def test_a_missing_table_is_an_inconclusive_row():

@@ -32,10 +32,10 @@ rule aggregate:
 
 rule findings:
     """The findings scorecard from the tables (R/tables/findings.csv and its figure): a row per
-    finding of reference/paper_results.yaml (`scorecard`), our effect, its interval, a verdict."""
+    finding of reference/findings.yaml, our effect, its interval, a verdict."""
     input:
         unpack(scorecard_tables),
-        reference=REFERENCE,
+        findings=FINDINGS,
     output:
         table=report(
             table_path(SCORECARD),
@@ -60,7 +60,7 @@ rule findings:
     benchmark:
         bench("findings")
     shell:
-        "{params.py} -m eval.findings --reference {input.reference} --tables {params.tables} --out {output.table} --figures {output.png} {output.pdf} > {log} 2>&1"
+        "{params.py} -m eval.findings --findings {input.findings} --tables {params.tables} --out {output.table} --figures {output.png} {output.pdf} > {log} 2>&1"
 
 
 rule publish:

@@ -289,7 +289,9 @@ def aggregate_flags(wildcards, input):
 
 # ---- the findings scorecard (eval.findings) ----------------------------------------------------
 
-SCORECARD_TABLES = tables_read(load_yaml(REFERENCE))  # the experiments its findings read
+# The findings, as contrasts of our tables, beside the transcription of the papers.
+FINDINGS = str(Path(workflow.basedir) / "reference" / "findings.yaml")
+SCORECARD_TABLES = tables_read(load_yaml(FINDINGS))  # the experiments its findings read
 
 
 def scorecard_tables(wildcards=None):
