@@ -92,6 +92,20 @@ def test_each_run_trained_once_and_shared_runs_not_duplicated(tiny_plan):
     assert counts["geneval"] == counts["caption_attributes"] == counts["fid"]
 
 
+def test_one_seed_fast_path_trains_each_run_once(tmp_path):
+    """`make demo-fast`: --config seeds=1 plans one training per declared run, no replicate."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(dict(TINY, results_dir=str(tmp_path / "tiny")), sort_keys=False))
+    # the target first: --configfile and --config take every argument after them
+    rc, out = snakemake("all", "-n", "-F", "--cores", "2", "--configfile", str(path),
+                        "--config", "seeds=1")
+    assert rc == 0, out[-3000:]
+    trained = [re.search(r"wildcards: run=(\w+)", b).group(1) for b in jobs(out, "train_run")]
+    declared = {g for e in experiments_from_dict(TINY).values() for g in e.groups}
+    assert sorted(trained) == sorted(declared) and not any("_seed" in r for r in trained)
+    assert job_counts(out)["findings"] == 1
+
+
 def test_metrics_at_each_eval_step_for_curves_and_last_step_for_tables(tiny_plan):
     fid_jobs = {re.search(r"wildcards: run=(\w+), step=(\d+)", b).groups()
                 for b in jobs(tiny_plan, "fid")}

@@ -570,6 +570,9 @@ def experiments_from_dict(raw: Mapping[str, Any]) -> dict[str, Experiment]:
         _check("groups" not in (spec or {}), f"experiments.{name}.groups", (spec or {}).get("groups"),
                "set from runs and seeds, not a config key")
         out[name] = _seeded(_experiment(name, spec, world), seeds, recipe_seed)
+        labels = out[name].plot.get("labels", {})
+        _check(set(labels) <= set(out[name].groups), f"experiments.{name}.plot.labels", labels,
+               "its keys must be runs of the experiment")
     return out
 
 
