@@ -178,7 +178,8 @@ def table(ctx: Context) -> pd.DataFrame:
             rows += [{"source": "ours", **ctx.settings(r.run), "n_seeds": 1, **r._asdict()}
                      for r in seeds[seeds.variant == group].itertuples(index=False)]
         rows.append({"variant": group, "source": "ours", **ctx.group_settings(group),
-                     **means.loc[group].to_dict(), **{f"paper_{m}": published.get(m) for m in beside}})
+                     **means.loc[group].to_dict(),
+                     **{f"paper_{m}": published.get(m) for m in beside}})
     columns = ["variant", *(["run"] if e.per_seed else []), *(["source"] if as_rows else []),
                *e.settings, "n_seeds", *with_intervals([*e.metrics, *changes]),
                *(f"paper_{m}" for m in beside)]

@@ -6,8 +6,8 @@
 
 The findings are declared in reference/findings.yaml, under their paper, each tied to the
 paper's words in reference/paper_results.yaml (`text`: a key of `<paper>.findings`; the paper's
-direction is a published fact; the keys are documented there), and measured on the tables eval.aggregate writes,
-nothing else: the same rule runs at every scale. A finding is one or more contrasts of runs on one
+direction is a published fact; the keys are documented there), and measured on the tables
+eval.aggregate writes, nothing else: the same rule runs at every scale. A finding is one or more contrasts of runs on one
 metric. A contrast's effect is a difference of run means over seeds, a - b in the metric's units
 (a and b each a run, or a run's gain x - y; no b: a against zero); its 95 % interval is Welch's
 t-interval of that difference (eval.intervals: each run's standard error read back from its
@@ -92,7 +92,8 @@ def declared(declarations: Mapping[str, Any]) -> list[Finding]:
             spec = dict(spec)
             direction = spec.get("direction")
             if direction not in DIRECTIONS:
-                raise ValueError(f"{where}.direction = {direction!r}: one of {', '.join(DIRECTIONS)}")
+                raise ValueError(f"{where}.direction = {direction!r}: one of "
+                                 f"{', '.join(DIRECTIONS)}")
             if (direction in ("same", "no_better")) != ("margin" in spec):
                 raise ValueError(f"{where}.margin: required with direction same / no_better only")
             contrasts = tuple(

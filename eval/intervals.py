@@ -6,8 +6,8 @@ deviation; with one seed there is no interval (NaN, an empty CSV cell). The tabl
 `<metric>_t95_low`, `<metric>_t95_high` beside `<metric>` (the mean) and `n_seeds`.
 
 A contrast of independent runs, effect = Σ c_i·mean_i (a difference of two runs, or a
-difference of two differences), has the standard error √(Σ c_i²·se_i²) and the Welch–Satterthwaite
-degrees of freedom (Σ c_i²·se_i²)² / Σ (c_i²·se_i²)² / (n_i - 1); its 95 % interval is
+difference of two differences), has the standard error √(Σ c_i²·se_i²) and the
+Welch–Satterthwaite degrees of freedom (Σ c_i²·se_i²)² / Σ (c_i²·se_i²)² / (n_i - 1); its 95 % interval is
 effect ± t(0.975, df)·se. Each run's se is read back from its table row: (high - mean) / t(0.975,
 n-1). References: B. L. Welch, Biometrika 34 (1947); F. E. Satterthwaite, Biometrics 2 (1946).
 """

@@ -9,7 +9,8 @@ entry in config:
   FID/CLIP against T2I tokens seen and BLIP against I2T tokens seen); with `plot.facet`, a column
   of panels per value of that setting (Supp. Fig. B: one per model size), metrics down the rows;
 - probe: the probe's top-1 per layer, a panel per mode (Supp. Fig. D);
-- captions: bars of the caption metrics, ours beside the paper's (Supp. Fig. E).
+- captions: bars of the caption metrics, ours beside the paper's (Supp. Fig. E);
+and the findings scorecard (draw_scorecard, called by eval.findings): a panel per finding.
 A line per run: the mean over its training seeds, in a band of the 95 % t-interval of that mean
 (the CSV's `<metric>_t95_low/_high`; no band with one seed, and the title says which). Every
 label comes from the experiment's own config: a run's legend entry is `plot.labels[run]`, else

@@ -113,13 +113,15 @@ def curve_rows(run: str, metric: str, steps: dict, column: str) -> list[dict]:
 def test_fixed_tokens_contrast_matches_b_at_as_tokens_seen():
     """More I2T data: ratio 50/50 at its last step against ratio 100/0 at the step with the same
     T2I tokens seen (half the steps), not at its own last step."""
+    tokens = "t2i_tokens_seen"
     rows = (curve_rows("ratio_50_50", "fid", {1200: (600, [40.0, 41.0, 39.0]),
-                                              2400: (1200, [20.0, 20.5, 19.5])}, "t2i_tokens_seen")
+                                              2400: (1200, [20.0, 20.5, 19.5])}, tokens)
             + curve_rows("ratio_100_0", "fid", {1200: (1200, [30.0, 30.5, 29.5]),
-                                                2400: (2400, [10.0, 10.5, 9.5])}, "t2i_tokens_seen"))
+                                                2400: (2400, [10.0, 10.5, 9.5])}, tokens))
     frame = pd.DataFrame(rows).drop(columns=["variant", "source"])
     row = verdict("figure5_i2t_data_improves_t2i", {"figure5": frame})
-    assert "ratio_100_0 @ step 1200" in row["contrast"] and "ratio_50_50 @ step 2400" in row["contrast"]
+    assert "ratio_100_0 @ step 1200" in row["contrast"]
+    assert "ratio_50_50 @ step 2400" in row["contrast"]
     assert row["effect"] == pytest.approx(-10.0) and row["verdict"] == "reproduced"
 
 

@@ -2,7 +2,8 @@
 
 The YAML files under `config/` (the Snakemake config) are the user's entry; this module turns
 them into frozen dataclasses. A run of an experiment is the base recipe plus dotted overrides
-(`{"model.architecture": "single_tower"}`), resolved by `resolve_run`.
+(`{"model.architecture": "single_tower"}`), resolved by `resolve_run`; each run is replicated
+over the experiment's training seeds (`seeds`, seed_replicates), every replicate a run of its own.
 
 Validation happens twice on purpose: the JSON schema (workflow/schemas/config.schema.yaml) stops
 Snakemake before any job with a message naming the key; `from_dict` repeats the value checks so
@@ -526,13 +527,17 @@ SCORECARD = "findings"  # R/tables/findings.csv, R/figures/findings.*: no experi
 
 
 def seed_replicates(run: str, overrides: Mapping[str, Any], seeds: int,
-                    recipe_seed: int) -> dict[str, dict[str, Any]]:
+                    recipe_seed: Any) -> dict[str, dict[str, Any]]:
     """A run and its seed replicates: the run itself (its own training.seed s, from its
     overrides or the recipe) and `<run>_seed<k>` with training.seed k for k = s+1 … s+seeds-1.
     The names depend on the seeds only, so a replicate shared by two experiments is one run."""
     overrides = dict(overrides or {})
-    own = int(overrides.get("training.seed", recipe_seed))
     out = {run: overrides}
+    if seeds == 1:
+        return out
+    own = overrides.get("training.seed", recipe_seed)
+    _check(isinstance(own, int) and not isinstance(own, bool), "training.seed", own,
+           f"an integer, the first of run {run}'s {seeds} training seeds")
     for seed in range(own + 1, own + seeds):
         out[f"{run}_seed{seed}"] = {**overrides, "training.seed": seed}
     return out
@@ -561,14 +566,15 @@ def _seeded(exp: Experiment, default: Any, recipe_seed: int) -> Experiment:
 def experiments_from_dict(raw: Mapping[str, Any]) -> dict[str, Experiment]:
     world = (raw.get("data") or {}).get("source", DataConfig.source) == "world"
     seeds = raw.get("seeds", 1)
-    recipe_seed = int((raw.get("training") or {}).get("seed", TrainingConfig.seed))
+    recipe_seed = (raw.get("training") or {}).get("seed", TrainingConfig.seed)
     out = {}
     for name, spec in (raw.get("experiments") or {}).items():
         if name == SCORECARD:
             raise ConfigError(f"config.experiments.{name}: the findings scorecard's name "
                               "(R/tables/findings.csv, eval.findings); rename the experiment")
-        _check("groups" not in (spec or {}), f"experiments.{name}.groups", (spec or {}).get("groups"),
-               "set from runs and seeds, not a config key")
+        if isinstance(spec, Mapping) and "groups" in spec:
+            raise ConfigError(f"config.experiments.{name}.groups: unknown key (set from runs and "
+                              "seeds, not in config)")
         out[name] = _seeded(_experiment(name, spec, world), seeds, recipe_seed)
         labels = out[name].plot.get("labels", {})
         _check(set(labels) <= set(out[name].groups), f"experiments.{name}.plot.labels", labels,
