@@ -150,13 +150,13 @@ def test_paper_dry_run_via_slurm_profile_lists_gpu_training_for_four_architectur
 
 STAND_IN = r'''
 """Stand-in for `python -m <entry point>`: writes what docs/INTERFACES.md says each one writes
-(placeholders), and runs eval.aggregate / eval.plots for real."""
+(placeholders), and runs eval.aggregate / eval.plots / eval.findings for real."""
 import json, os, sys
 from pathlib import Path
 args = sys.argv[1:]
 assert args[0] == "-m", args
 module, rest = args[1], args[2:]
-if module in ("eval.aggregate", "eval.plots"):
+if module in ("eval.aggregate", "eval.plots", "eval.findings"):
     os.execv(os.environ["REAL_PYTHON"], [os.environ["REAL_PYTHON"], *args])
 with open(os.environ["STAND_IN_LOG"], "a") as fh:
     fh.write(json.dumps(args) + "\n")
@@ -307,6 +307,34 @@ def test_a_new_figure_of_an_existing_measure_is_config_only(executed, tmp_path):
     assert frame.i2t_tokens_seen.tolist() == [5 * first, 5 * last] * 2
     png = work / "results" / "tiny" / "figures" / "blip_by_ratio.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_findings_scorecard_is_computed_from_the_configs_tables(executed, tmp_path):
+    """results/findings.csv from the tables alone: with a config of table1 and figure5 only,
+    just the scorecard runs (every table it reads is there), one row per declared finding, and
+    the findings of experiments the config lacks are inconclusive rows, not missing ones."""
+    from eval.findings import declared
+
+    work, run = executed
+    raw = load_yaml(ROOT / "config" / "tiny.yaml")
+    raw["experiments"] = {k: raw["experiments"][k] for k in ("table1", "figure5", "figureE")}
+    config = tmp_path / "subset.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    out = run("--configfile", str(config), targets=["results/findings.csv"])
+    assert job_counts(out) == {"findings": 1, "publish": 1}
+    card = pd.read_csv(work / "results" / "findings.csv")
+    names = [f.name for f in declared(load_yaml(ROOT / "reference" / "findings.yaml"))]
+    assert card.finding.tolist() == names
+    absent = card[card.finding.str.startswith(("figure6", "figure8", "figureB", "figureD"))]
+    assert len(absent) == 6 and (absent.verdict == "inconclusive").all()
+    assert absent.note.str.contains("not measured here").all()
+    measured = card[card.finding.str.startswith(("table1", "figure5"))]
+    assert measured.effect.notna().all() and measured.seeds.str.startswith("3").all()
+    assert (work / "results" / "tiny" / "figures" / "findings.pdf").stat().st_size > 1000
+    run("--configfile", str(config), "--report", str(tmp_path / "report.zip"),
+        targets=["results/findings.csv"])
+    with zipfile.ZipFile(tmp_path / "report.zip") as archive:
+        assert any(n.endswith("findings.csv") for n in archive.namelist())
 
 
 def test_results_copy_follows_the_scale_run(executed, tmp_path):

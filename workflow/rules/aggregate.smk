@@ -39,13 +39,13 @@ rule findings:
     output:
         table=report(
             table_path(SCORECARD),
-            caption="../report/table.rst",
+            caption="../report/findings.rst",
             category="Tables",
             labels={"experiment": SCORECARD},
         ),
         png=report(
             figure_path(SCORECARD, "png"),
-            caption="../report/figure.rst",
+            caption="../report/findings.rst",
             category="Figures",
             labels={"figure": SCORECARD},
         ),
