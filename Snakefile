@@ -29,6 +29,7 @@ report: "workflow/report/workflow.rst"
 localrules:
     all,
     aggregate,
+    findings,
     publish,
     plot,
 

@@ -2,13 +2,17 @@
 columns and rows, figures' CSVs carry what the plots need."""
 
 import json
+import math
+import statistics
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from eval import aggregate
-from xfusion.config import MEASURES, ConfigError, experiments_from_dict, load_yaml, resolve_run
+from xfusion.config import MEASURES, ConfigError, all_runs, experiments_from_dict, load_yaml
+from xfusion.config import resolve_run, run_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "config" / "tiny.yaml"
@@ -23,22 +27,33 @@ def metric(path: Path, name: str, value: float, run=None, step=None, details=Non
     return str(path)
 
 
+def seed_offset(exp, name: str) -> tuple[int, float]:
+    """(index of the run's group in the experiment, the replicate's offset k - (n-1)/2): every
+    metric below moves by the offset, so a group's mean is its seed-0 formula exactly."""
+    for i, (group, members) in enumerate(exp.groups.items()):
+        if name in members:
+            return i, members.index(name) - (len(members) - 1) / 2
+    raise KeyError(name)
+
+
 def make_inputs(root: Path, experiment: str, attributes: bool = False, raw=None) -> dict:
     """Metric files, base result, train logs and caption metrics the way the DAG lays them out;
-    with `attributes`, the tiny world's t2i_attr_acc / i2t_attr_recall files too."""
+    with `attributes`, the tiny world's t2i_attr_acc / i2t_attr_recall files too. A run's seed
+    replicates spread symmetrically around its value (seed_offset)."""
     raw = raw or load_yaml(CONFIG)
-    runs = experiments_from_dict(raw)[experiment].runs
+    exp = experiments_from_dict(raw)[experiment]
     out = {"metrics": [], "base": [], "train_logs": [], "caption_metrics": []}
-    for i, name in enumerate(runs):
+    for name in exp.runs:
+        i, k = seed_offset(exp, name)
         run = resolve_run(raw, name)
         for step in run.training.eval_steps:
             d = root / "metrics" / name / str(step)
-            out["metrics"] += [metric(d / "fid.json", "fid", 30.0 - i - step / 100, name, step),
-                               metric(d / "clip.json", "clip", 20.0 + i, None, None),
-                               metric(d / "blip.json", "blip", 40.0 + i, name, step),
+            out["metrics"] += [metric(d / "fid.json", "fid", 30.0 - i - step / 100 + k, name, step),
+                               metric(d / "clip.json", "clip", 20.0 + i + k, None, None),
+                               metric(d / "blip.json", "blip", 40.0 + i + 2 * k, name, step),
                                metric(d / "mmlu.json", "mmlu", 0.25 + 0.01 * i, name, step)]
             per_layer = {mode: {str(l): 0.5 + 0.05 * l - 0.1 * run.training.i2t_noise_max
-                                for l in run.evaluation.probe_layers}
+                                + 0.01 * k for l in run.evaluation.probe_layers}
                          for mode in ("understanding", "generation")}
             out["metrics"].append(metric(d / "probe.json", "probe", 0.6, name, step,
                                          {"per_layer": per_layer}))
@@ -90,10 +105,13 @@ def run_aggregate(tmp_path: Path, experiment: str, attributes: bool = False,
 
 def test_table1_has_base_row_four_architectures_and_paper_columns(tmp_path):
     table = run_aggregate(tmp_path, "table1")
-    # the columns tiny.yaml declares: the paper's, the world's ground-truth metrics, paper_*
-    assert list(table.columns) == ["variant", "mmlu", "fid", "clip", "blip", "t2i_attr_acc",
-                                   "i2t_attr_recall", "paper_mmlu", "paper_fid", "paper_clip",
-                                   "paper_blip"]
+    # the columns tiny.yaml declares: the paper's, the world's ground-truth metrics, the MMLU
+    # change against the base LLM, each with its interval over seeds; paper_*
+    measured = ["mmlu", "fid", "clip", "blip", "t2i_attr_acc", "i2t_attr_recall", "mmlu_change"]
+    assert list(table.columns) == ["variant", "n_seeds",
+                                   *(c for m in measured for c in (m, f"{m}_t95_low",
+                                                                   f"{m}_t95_high")),
+                                   "paper_mmlu", "paper_fid", "paper_clip", "paper_blip"]
     assert list(table.variant) == ["tiny_base", "single_tower", "gated_tower", "dual_projection",
                                    "dual_tower"]
     row = table.set_index("variant")
@@ -105,6 +123,62 @@ def test_table1_has_base_row_four_architectures_and_paper_columns(tmp_path):
     last = resolve_run(load_yaml(CONFIG), "dual_tower").training.eval_steps[-1]
     assert row.loc["dual_tower", "fid"] == pytest.approx(30.0 - 3 - last / 100)
     assert row.loc["single_tower", "clip"] == pytest.approx(20.0)  # run/step from the path
+
+
+T975_2 = 4.302653  # Student t, 97.5 % quantile, 2 degrees of freedom (3 seeds)
+
+
+def test_a_runs_row_is_its_mean_over_seeds_with_a_t_interval(tmp_path):
+    raw = load_yaml(CONFIG)
+    assert experiments_from_dict(raw)["table1"].groups["dual_tower"] == (
+        "dual_tower", "dual_tower_seed1", "dual_tower_seed2")
+    row = run_aggregate(tmp_path, "table1").set_index("variant").loc["dual_tower"]
+    last = resolve_run(raw, "dual_tower").training.eval_steps[-1]
+    fids = [30.0 - 3 - last / 100 + k for k in (-1, 0, 1)]  # make_inputs' seeds
+    half = T975_2 * statistics.stdev(fids) / math.sqrt(3)
+    assert row.n_seeds == 3
+    assert row.fid == pytest.approx(statistics.fmean(fids))
+    assert (row.fid_t95_low, row.fid_t95_high) == pytest.approx((row.fid - half, row.fid + half),
+                                                                rel=1e-5)
+    blips = [40.0 + 3 + 2 * k for k in (-1, 0, 1)]
+    assert row.blip_t95_high - row.blip == pytest.approx(  # the CSV keeps 6 digits
+        T975_2 * statistics.stdev(blips) / math.sqrt(3), rel=1e-4)
+    # the same MMLU from every seed: an interval of width zero; the change against the base too
+    assert row.mmlu_t95_low == row.mmlu_t95_high == pytest.approx(row.mmlu)
+    assert row.mmlu_change_t95_low == pytest.approx(row.mmlu - 30.0)
+
+
+def with_seeds(tmp_path, seeds: int) -> Path:
+    raw = dict(load_yaml(CONFIG), seeds=seeds)
+    path = tmp_path / f"seeds{seeds}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_one_seed_gives_no_interval(tmp_path):
+    table = run_aggregate(tmp_path, "table1", config=with_seeds(tmp_path, 1)).iloc[1:]
+    assert (table.n_seeds == 1).all()
+    assert table.fid.notna().all() and table.fid_t95_low.isna().all()
+    assert table.fid_t95_high.isna().all() and table.mmlu_change_t95_low.isna().all()
+
+
+def test_seeds_table_lists_each_seed_above_the_runs_mean(tmp_path):
+    table = run_aggregate(tmp_path, "seeds")
+    assert list(table.columns[:4]) == ["variant", "run", "seed", "n_seeds"]
+    ours = table[table.variant == "dual_tower"]
+    assert ours.run.tolist()[:3] == ["dual_tower", "dual_tower_seed1", "dual_tower_seed2"]
+    assert ours.seed.tolist()[:3] == [0, 1, 2] and pd.isna(ours.seed.iloc[3])  # mean: no one seed
+    assert pd.isna(ours.run.iloc[3]) and ours.n_seeds.tolist() == [1, 1, 1, 3]
+    assert ours.fid.iloc[3] == pytest.approx(ours.fid.iloc[:3].mean())
+    assert ours.fid_t95_low.iloc[:3].isna().all() and ours.fid_t95_low.iloc[3] < ours.fid.iloc[3]
+
+
+def test_curves_are_means_over_seeds_per_step(tmp_path):
+    frame = run_aggregate(tmp_path, "figure5")
+    row = frame[(frame.run == "ratio_50_50")].sort_values("step").iloc[-1]
+    step = resolve_run(load_yaml(CONFIG), "ratio_50_50").training.eval_steps[-1]
+    assert row.n_seeds == 3 and row.fid == pytest.approx(30.0 - 2 - step / 100)
+    assert row.fid_t95_high - row.fid == pytest.approx(T975_2 / math.sqrt(3), rel=1e-4)  # sd 1
 
 
 def test_attribute_metrics_get_percent_columns_where_measured(tmp_path):
@@ -139,7 +213,9 @@ def test_attribute_metric_without_scene_records_is_a_config_error():
 
 def test_table_a_puts_our_final_model_below_published_rows_in_our_column_names(tmp_path):
     table = run_aggregate(tmp_path, "tableA")
-    assert list(table.columns) == ["variant", "source", "base_lm", "mmlu", "blip", "fid"]
+    assert list(table.columns) == ["variant", "source", "base_lm", "n_seeds",
+                                   *(c for m in ("mmlu", "blip", "fid")
+                                     for c in (m, f"{m}_t95_low", f"{m}_t95_high"))]
     assert list(table.source) == ["paper"] * 13 + ["ours"]
     xfusion = table.set_index("variant").loc["X-Fusion"]  # reference coco_fid -> fid
     assert xfusion.fid == pytest.approx(11.5) and xfusion.blip == pytest.approx(80.0)
@@ -159,16 +235,18 @@ def test_lr_ratio_reports_mmlu_change_against_base(tmp_path):
 
 def test_figure5_rows_per_run_and_step_with_tokens_seen(tmp_path):
     frame = run_aggregate(tmp_path, "figure5")
-    runs = list(experiments_from_dict(load_yaml(CONFIG))["figure5"].runs)
+    runs = list(experiments_from_dict(load_yaml(CONFIG))["figure5"].groups)
     assert list(dict.fromkeys(frame.run)) == runs
-    assert len(frame) == 2 * len(runs)
+    assert len(frame) == 2 * len(runs)  # one row per run and step: its seeds pooled
     assert {"fid", "clip", "blip", "t2i_ratio", "t2i_tokens_seen", "i2t_tokens_seen"} <= set(frame)
     assert (frame.t2i_tokens_seen == 10 * frame.step).all()
 
 
 def test_figure_d_probe_per_layer_and_mode(tmp_path):
     frame = run_aggregate(tmp_path, "figureD")
-    assert list(frame.columns) == ["run", "step", "i2t_noise_max", "mode", "layer", "probe"]
+    assert list(frame.columns) == ["run", "step", "i2t_noise_max", "mode", "layer", "n_seeds",
+                                   "probe", "probe_t95_low", "probe_t95_high"]
+    assert (frame.n_seeds == 3).all() and (frame.probe_t95_low < frame.probe).all()
     assert set(frame["mode"]) == {"understanding", "generation"}
     assert set(frame.layer) == {1, 2, 3, 4}
     clean = frame[frame.i2t_noise_max == 0].probe.mean()
@@ -208,3 +286,38 @@ def test_metric_files_of_a_run_outside_the_experiment_are_refused(tmp_path):
 
 def test_one_builder_per_measure():
     assert set(aggregate.BUILDERS) == set(MEASURES)
+
+
+# ---- seed replicates (xfusion.config.seed_replicates) -------------------------------------------
+
+
+def test_seed_replicates_are_named_by_seed_and_shared_between_experiments():
+    """table1 with 3 seeds and tableA with 2 share dual_tower and dual_tower_seed1: each is one
+    run (trained once), with the recipe's overrides plus its training seed."""
+    raw = load_yaml(CONFIG)
+    raw["experiments"]["tableA"]["seeds"] = 2
+    exps = experiments_from_dict(raw)
+    assert exps["tableA"].groups == {"dual_tower": ("dual_tower", "dual_tower_seed1")}
+    runs = all_runs(raw)
+    assert runs["dual_tower"] == {} and runs["dual_tower_seed2"] == {"training.seed": 2}
+    assert runs["ratio_50_50_seed1"] == {"training.t2i_ratio": 0.5, "training.seed": 1}
+    assert resolve_run(raw, "ratio_50_50_seed1").training.seed == 1
+    assert run_groups(raw)["ratio_50_50_seed2"] == "ratio_50_50"
+
+
+def test_a_runs_own_training_seed_starts_its_replicates():
+    raw = load_yaml(CONFIG)
+    raw["experiments"]["figure8"]["runs"]["x_fuse"]["training.seed"] = 5
+    assert experiments_from_dict(raw)["figure8"].groups["x_fuse"] == (
+        "x_fuse", "x_fuse_seed6", "x_fuse_seed7")
+
+
+def test_a_run_named_like_another_runs_replicate_is_refused():
+    raw = load_yaml(CONFIG)
+    raw["experiments"]["figure8"]["runs"]["x_fuse_seed1"] = {"model.architecture": "dual_tower"}
+    with pytest.raises(ConfigError, match="figure8.runs.x_fuse_seed1.*seed replicate of x_fuse"):
+        experiments_from_dict(raw)
+    raw = load_yaml(CONFIG)
+    raw["seeds"] = 0
+    with pytest.raises(ConfigError, match="config.seeds = 0: the number of training seeds"):
+        experiments_from_dict(raw)

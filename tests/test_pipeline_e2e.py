@@ -24,11 +24,12 @@ FROZEN = ("gated_tower", "dual_projection", "dual_tower")  # text path frozen: M
 TRAINED = ("single_tower", *FROZEN)
 STEP = 12  # training.steps and the one eval step below
 # metric file (R/metrics/RUN/STEP/<file>.json) -> Table 1 column; MMLU is a fraction there.
-# The CSV keeps 4 significant digits (eval.aggregate): values compare at rel=1e-3.
+# The CSV keeps 6 significant digits (eval.aggregate): values compare at rel=1e-3.
 TABLE_FILES = {"fid": "fid", "clip": "clip", "blip": "blip", "mmlu": "mmlu"}  # file stem -> column
 # The module's first test pays for the whole DAG run (a few minutes; more on a busy machine).
 pytestmark = pytest.mark.timeout(1800)
 REDUCED = {
+    "seeds": 1,  # one training seed per run: each row is that run's own metric files
     "data.n_train": 240,
     "data.n_heldout": 48,
     "data.mmlu_test_per_subject": 8,

@@ -1,6 +1,8 @@
 """eval.plots draws every configured figure from aggregated synthetic metrics, PNG and PDF; the
 lines drawn carry the CSV's numbers; a new figure of an existing measure is a config entry only."""
 
+from pathlib import Path
+
 import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
@@ -44,7 +46,7 @@ def draw_from_csv(tmp_path, experiment, config=CONFIG):
                 "--reference", str(REFERENCE), "--out", str(png), str(pdf)])
     exp = experiments_from_dict(load_yaml(config))[experiment]
     frame = pd.read_csv(csv)
-    return frame, plots.draw(exp, frame, load_yaml(REFERENCE)), png, pdf
+    return frame, plots.draw(exp, frame, load_yaml(REFERENCE), load_yaml(config)), png, pdf
 
 
 @pytest.mark.parametrize("experiment", FIGURES)
@@ -111,7 +113,7 @@ def test_caption_bars_are_ours_and_the_papers(tmp_path):
 
 def test_subtitle_states_the_paper_finding(tmp_path):
     frame = run_aggregate(tmp_path, "figure6")
-    fig = plots.draw(EXPERIMENTS["figure6"], frame, load_yaml(REFERENCE))
+    fig = plots.draw(EXPERIMENTS["figure6"], frame, load_yaml(REFERENCE), load_yaml(CONFIG))
     assert "clean images (0%) give the best BLIP" in fig._suptitle.get_text()
     assert fig._suptitle.get_text().startswith(EXPERIMENTS["figure6"].caption)
 
@@ -143,8 +145,9 @@ def test_legend_formats_settings_and_flags():
 def test_attribute_metrics_get_a_panel_where_the_csv_has_them(tmp_path):
     exp = EXPERIMENTS["figure6"]
     with_attr = plots.draw(exp, run_aggregate(tmp_path / "a", "figure6", attributes=True),
-                           load_yaml(REFERENCE))
-    without = plots.draw(exp, run_aggregate(tmp_path / "b", "figure6"), load_yaml(REFERENCE))
+                           load_yaml(REFERENCE), load_yaml(CONFIG))
+    without = plots.draw(exp, run_aggregate(tmp_path / "b", "figure6"), load_yaml(REFERENCE),
+                         load_yaml(CONFIG))
     assert len(with_attr.axes) == len(without.axes) + 2
     assert "T2I attribute accuracy (%)" in {ax.get_ylabel() for ax in with_attr.axes}
 
@@ -168,8 +171,9 @@ def test_a_new_figure_of_an_existing_measure_is_config_only(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(raw, sort_keys=False))
     frame, fig, png, _ = draw_from_csv(tmp_path, "noise_vs_i2t_tokens", config=config)
-    assert list(frame.columns) == ["run", "step", "blip", "fid", "noise", "ratio",
-                                   "t2i_tokens_seen", "i2t_tokens_seen"]
+    assert list(frame.columns) == ["run", "step", "n_seeds", "blip", "blip_t95_low",
+                                   "blip_t95_high", "fid", "fid_t95_low", "fid_t95_high", "noise",
+                                   "ratio", "t2i_tokens_seen", "i2t_tokens_seen"]
     assert list(dict.fromkeys(frame.run)) == ["dual_tower", "noise_50"]
     assert png.stat().st_size > 5000
     drawn = lines(fig)
@@ -180,3 +184,72 @@ def test_a_new_figure_of_an_existing_measure_is_config_only(tmp_path):
         for metric in ("blip", "fid"):
             assert drawn[(plots.LABELS[metric], label)] == pytest.approx(
                 points(part, "i2t_tokens_seen", metric))
+
+
+def test_each_line_is_the_mean_over_seeds_in_a_band_of_its_interval(tmp_path):
+    frame, fig, _, _ = draw_from_csv(tmp_path, "figure6")
+    assert "mean of 3 training seeds per run, band: 95 % t-interval" in fig._suptitle.get_text()
+    ax = next(a for a in fig.axes if a.get_ylabel() == plots.LABELS["fid"])
+    bands = [b.get_paths()[0].vertices for b in ax.collections]  # one band per line, in order
+    parts = [part.sort_values("step") for _, part in frame.groupby("run", sort=False)]
+    assert len(bands) == len(parts) == len(ax.get_lines())
+    for band, part in zip(bands, parts):
+        # the band's outline passes through (step, low) and (step, high) of every CSV row
+        corners = [(x, y) for x, lo, hi in part[["step", "fid_t95_low", "fid_t95_high"]].to_numpy()
+                   for y in (lo, hi)]
+        for corner in corners:
+            assert any(v == pytest.approx(corner) for v in map(tuple, band)), corner
+        assert (part.fid_t95_low < part.fid).all() and (part.fid < part.fid_t95_high).all()
+
+
+def test_one_seed_draws_no_band_and_says_so(tmp_path):
+    raw = dict(load_yaml(CONFIG), seeds=1)
+    config = tmp_path / "one_seed.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    _, fig, _, _ = draw_from_csv(tmp_path, "figure6", config=config)
+    assert not any(ax.collections for ax in fig.axes) and lines(fig)
+    assert "one training seed per run: no interval" in fig._suptitle.get_text()
+
+
+def config_with(tmp_path, name: str, spec: dict) -> Path:
+    raw = load_yaml(CONFIG)
+    raw["experiments"][name] = spec
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+RATIO_RUNS = {"dual_tower": {}, "ratio_50_50": {"training.t2i_ratio": 0.5}}
+
+
+def legend_entries(fig) -> set[str]:
+    return {line.get_label() for ax in fig.axes for line in ax.get_lines()}
+
+
+def test_a_new_experiments_legend_comes_from_its_own_runs_overrides(tmp_path):
+    """No legend in config: each run reads the overrides that set it apart (issue 18, item 4),
+    not another figure's legend."""
+    config = config_with(tmp_path, "ratio_blip", {
+        "measure": "curves", "steps": "every", "metrics": ["blip"], "runs": RATIO_RUNS})
+    _, fig, _, _ = draw_from_csv(tmp_path, "ratio_blip", config=config)
+    assert legend_entries(fig) == {"t2i_ratio=0.66", "t2i_ratio=0.5"}
+
+
+def test_a_legend_format_that_reads_the_same_for_two_runs_gets_their_overrides(tmp_path):
+    """Fig. 6's legend on runs that differ in their T2I share: both would read "I2T noise <= 0%"."""
+    config = config_with(tmp_path, "ratio_noise", {
+        "measure": "curves", "steps": "every", "metrics": ["blip"],
+        "settings": {"i2t_noise_max": "training.i2t_noise_max"},
+        "plot": {"legend": "I2T noise <= {i2t_noise_max:.0%}"}, "runs": RATIO_RUNS})
+    _, fig, _, _ = draw_from_csv(tmp_path, "ratio_noise", config=config)
+    assert legend_entries(fig) == {"I2T noise <= 0% (t2i_ratio=0.66)",
+                                   "I2T noise <= 0% (t2i_ratio=0.5)"}
+
+
+def test_labels_in_config_name_the_runs(tmp_path):
+    config = config_with(tmp_path, "ratio_named", {
+        "measure": "curves", "steps": "every", "metrics": ["blip"],
+        "plot": {"labels": {"dual_tower": "recipe (2:1)", "ratio_50_50": "1:1"}},
+        "runs": RATIO_RUNS})
+    _, fig, _, _ = draw_from_csv(tmp_path, "ratio_named", config=config)
+    assert legend_entries(fig) == {"recipe (2:1)", "1:1"}

@@ -60,7 +60,7 @@ def test_registry_enums_come_from_xfusion_config_only():
 def test_schema_keys_match_dataclass_fields(name, cls, node):
     fields = {f.name for f in dataclasses.fields(cls)}
     if cls is xc.Experiment:
-        fields.remove("name")  # the key of config.experiments
+        fields -= {"name", "groups"}  # the key of config.experiments; set from runs and seeds
     assert set(node["properties"]) == fields, f"config.{name}: schema and dataclass differ"
     assert node["additionalProperties"] is False
     assert set(node.get("required", [])) <= fields

@@ -29,6 +29,14 @@ def test_experiment_of_is_first_group_declaring_the_run():
     assert tracking.experiment_of(raw, "noise_25") == "figure6"
 
 
+def test_a_seed_replicate_is_tagged_with_its_run_and_its_experiments():
+    raw = load_yaml(CONFIG)
+    tags = tracking.experiment_tags(raw, "noise_50_seed2")
+    assert tags["xfusion.group"] == "noise_50"
+    assert tags["xfusion.experiments"] == "figure6,figureD"  # like noise_50 itself
+    assert tracking.experiment_tags(raw, "noise_50")["xfusion.group"] == "noise_50"
+
+
 def test_run_is_listed_with_params_metrics_and_reopened_by_id(run_dir):
     cfg = load_run(CONFIG, "dual_tower")
     tracker = tracking.start_run(run_dir, cfg, "table1")

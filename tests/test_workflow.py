@@ -63,6 +63,11 @@ def test_tiny_dry_run_plans_every_table_and_figure(tiny_plan):
         if exp.kind == "figure":
             assert f"/tiny/figures/{name}.png" in tiny_plan
             assert f"/tiny/figures/{name}.pdf" in tiny_plan
+    # the findings scorecard, computed from the tables and published like them
+    assert "/tiny/tables/findings.csv" in tiny_plan and "output: results/findings.csv" in tiny_plan
+    assert "/tiny/figures/findings.png" in tiny_plan
+    (block,) = jobs(tiny_plan, "findings")
+    assert "input: " in block and "/tiny/tables/table1.csv" in block.split("output:")[0]
 
 
 def test_each_run_trained_once_and_shared_runs_not_duplicated(tiny_plan):
@@ -71,11 +76,18 @@ def test_each_run_trained_once_and_shared_runs_not_duplicated(tiny_plan):
     assert counts["train_run"] == len(runs)
     trained = [re.search(r"wildcards: run=(\w+)", b).group(1) for b in jobs(tiny_plan, "train_run")]
     assert sorted(trained) == sorted(runs)  # dual_tower appears in 6 experiments, trained once
+    # each run once per seed: its replicates are runs of their own, shared like it
+    seeds = TINY["seeds"]
+    assert seeds >= 3 and {"dual_tower", "dual_tower_seed1", "dual_tower_seed2"} <= set(trained)
+    assert len(trained) == seeds * len({g for e in experiments_from_dict(TINY).values()
+                                        for g in e.groups})
     assert counts["world"] == 1 and counts["tokenizer"] == 1 and counts["judges"] == 1
     assert counts["caption"] == 2 and counts["latents"] == 2
     assert counts["base_lm"] == 3  # tiny_base, tiny_s, tiny_l (Supp. Fig. B sizes)
-    assert counts["aggregate"] == counts["publish"] == len(experiments_from_dict(TINY))
-    assert counts["linear_probe"] == 2 and counts["caption_metrics"] == 1
+    assert counts["aggregate"] == len(experiments_from_dict(TINY))
+    # the findings scorecard: one job from the tables, published like them
+    assert counts["findings"] == 1 and counts["publish"] == counts["aggregate"] + 1
+    assert counts["linear_probe"] == 2 * seeds and counts["caption_metrics"] == 1
     # ground-truth attribute metrics wherever FID is measured; their classifier trained once
     assert counts["attribute_classifier"] == 1
     assert counts["geneval"] == counts["caption_attributes"] == counts["fid"]
@@ -88,6 +100,20 @@ def test_the_base_most_runs_wait_on_is_scheduled_first(tiny_plan):
     waiting = Counter(resolve_run(TINY, run).model.base_lm.name for run in all_runs(TINY))
     assert priority == dict(waiting)
     assert max(priority, key=priority.get) == TINY["model"]["base_lm"]["name"]
+
+
+def test_one_seed_fast_path_trains_each_run_once(tmp_path):
+    """`make demo-fast`: --config seeds=1 plans one training per declared run, no replicate."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(dict(TINY, results_dir=str(tmp_path / "tiny")), sort_keys=False))
+    # the target first: --configfile and --config take every argument after them
+    rc, out = snakemake("all", "-n", "-F", "--cores", "2", "--configfile", str(path),
+                        "--config", "seeds=1")
+    assert rc == 0, out[-3000:]
+    trained = [re.search(r"wildcards: run=(\w+)", b).group(1) for b in jobs(out, "train_run")]
+    declared = {g for e in experiments_from_dict(TINY).values() for g in e.groups}
+    assert sorted(trained) == sorted(declared) and not any("_seed" in r for r in trained)
+    assert job_counts(out)["findings"] == 1
 
 
 def test_metrics_at_each_eval_step_for_curves_and_last_step_for_tables(tiny_plan):
@@ -135,13 +161,13 @@ def test_paper_dry_run_via_slurm_profile_lists_gpu_training_for_four_architectur
 
 STAND_IN = r'''
 """Stand-in for `python -m <entry point>`: writes what docs/INTERFACES.md says each one writes
-(placeholders), and runs eval.aggregate / eval.plots for real."""
+(placeholders), and runs eval.aggregate / eval.plots / eval.findings for real."""
 import json, os, sys
 from pathlib import Path
 args = sys.argv[1:]
 assert args[0] == "-m", args
 module, rest = args[1], args[2:]
-if module in ("eval.aggregate", "eval.plots"):
+if module in ("eval.aggregate", "eval.plots", "eval.findings"):
     os.execv(os.environ["REAL_PYTHON"], [os.environ["REAL_PYTHON"], *args])
 with open(os.environ["STAND_IN_LOG"], "a") as fh:
     fh.write(json.dumps(args) + "\n")
@@ -246,7 +272,8 @@ def test_forcerun_train_reruns_exactly_its_dependents(executed):
                            "geneval", "caption_attributes", "mmlu", "aggregate", "publish",
                            "plot"}
     # not data, base LLM, judges, attribute classifier, base MMLU
-    assert counts["train_run"] == 8  # table1's 4 architectures + figure5's other 4 ratios
+    # table1's 4 architectures + figure5's other 4 ratios, each with its seeds
+    assert counts["train_run"] == 8 * TINY["seeds"]
 
 
 def test_forcing_one_run_reruns_only_that_run_and_its_figure(executed):
@@ -284,13 +311,42 @@ def test_a_new_figure_of_an_existing_measure_is_config_only(executed, tmp_path):
                                                     "results/tiny/figures/blip_by_ratio.png"])
     assert job_counts(out) == {"aggregate": 1, "plot": 1}
     frame = pd.read_csv(work / "results" / "tiny" / "tables" / "blip_by_ratio.csv")
-    assert list(frame.columns) == ["run", "step", "blip", "t2i_ratio", "t2i_tokens_seen",
+    assert list(frame.columns) == ["run", "step", "n_seeds", "blip", "blip_t95_low",
+                                   "blip_t95_high", "t2i_ratio", "t2i_tokens_seen",
                                    "i2t_tokens_seen"]
     first, last = resolve_run(TINY, "dual_tower").training.eval_steps
     assert frame.blip.tolist() == [20.0] * 4  # the stand-in's value, at both eval steps
     assert frame.i2t_tokens_seen.tolist() == [5 * first, 5 * last] * 2
     png = work / "results" / "tiny" / "figures" / "blip_by_ratio.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_findings_scorecard_is_computed_from_the_configs_tables(executed, tmp_path):
+    """results/findings.csv from the tables alone: with a config of table1 and figure5 only,
+    just the scorecard runs (every table it reads is there), one row per declared finding, and
+    the findings of experiments the config lacks are inconclusive rows, not missing ones."""
+    from eval.findings import declared
+
+    work, run = executed
+    raw = load_yaml(ROOT / "config" / "tiny.yaml")
+    raw["experiments"] = {k: raw["experiments"][k] for k in ("table1", "figure5", "figureE")}
+    config = tmp_path / "subset.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    out = run("--configfile", str(config), targets=["results/findings.csv"])
+    assert job_counts(out) == {"findings": 1, "publish": 1}
+    card = pd.read_csv(work / "results" / "findings.csv")
+    names = [f.name for f in declared(load_yaml(ROOT / "reference" / "findings.yaml"))]
+    assert card.finding.tolist() == names
+    absent = card[card.finding.str.startswith(("figure6", "figure8", "figureB", "figureD"))]
+    assert len(absent) == 6 and (absent.verdict == "inconclusive").all()
+    assert absent.note.str.contains("not measured here").all()
+    measured = card[card.finding.str.startswith(("table1", "figure5"))]
+    assert measured.effect.notna().all() and measured.seeds.str.startswith("3").all()
+    assert (work / "results" / "tiny" / "figures" / "findings.pdf").stat().st_size > 1000
+    run("--configfile", str(config), "--report", str(tmp_path / "report.zip"),
+        targets=["results/findings.csv"])
+    with zipfile.ZipFile(tmp_path / "report.zip") as archive:
+        assert any(n.endswith("findings.csv") for n in archive.namelist())
 
 
 def test_results_copy_follows_the_scale_run(executed, tmp_path):
@@ -339,6 +395,11 @@ def planned(output: str) -> dict[str, set[str]]:
                    for block in jobs(output, rule)} for rule in job_counts(output)}
 
 
+def replicates(run: str) -> tuple[str, ...]:
+    """The run and its seed replicates (xfusion.config.seed_replicates)."""
+    return next(e.groups[run] for e in experiments_from_dict(TINY).values() if run in e.groups)
+
+
 def changed(dotted: str, value, run: str | None = None) -> dict:
     """tiny.yaml with `dotted` set in the recipe, or in the overrides of `run` wherever an
     experiment declares it (a run means the same overrides everywhere)."""
@@ -361,8 +422,9 @@ def test_changing_one_runs_t2i_ratio_reruns_that_run_and_its_figure_only(execute
     plan, out = executed_with_probe(changed("training.t2i_ratio", 0.4, run="ratio_50_50"))
     steps = sorted(resolve_run(TINY, "ratio_50_50").training.eval_steps)
     assert len(steps) == 2  # figure5 measures every eval step
-    evaluated = {f"run=ratio_50_50, step={s}" for s in steps}
-    assert plan == {"train_run": {"run=ratio_50_50"},
+    seeds = replicates("ratio_50_50")  # the run's seed replicates change with it
+    evaluated = {f"run={r}, step={s}" for r in seeds for s in steps}
+    assert plan == {"train_run": {f"run={r}" for r in seeds},
                     **{rule: evaluated for rule in ("sample_t2i", "sample_i2t", "fid", "clip_score",
                                                     "itm", "geneval", "caption_attributes")},
                     "aggregate": {"experiment=figure5"}, "plot": {"experiment=figure5"}}
@@ -373,7 +435,7 @@ def test_changing_one_runs_t2i_ratio_reruns_that_run_and_its_figure_only(execute
 def test_changing_probe_epochs_reruns_only_probe_jobs_and_their_figure(executed_with_probe):
     plan, _ = executed_with_probe(changed("evaluation.probe_epochs", 3))
     probed = {f"run={run}, step={max(resolve_run(TINY, run).training.eval_steps)}"
-              for run in ("dual_tower", "noise_50")}  # figureD reads the last step only
+              for run in (*replicates("dual_tower"), *replicates("noise_50"))}  # the last step
     assert plan == {"linear_probe": probed,
                     "aggregate": {"experiment=figureD"}, "plot": {"experiment=figureD"}}
 

@@ -2,7 +2,8 @@
 
 The YAML files under `config/` (the Snakemake config) are the user's entry; this module turns
 them into frozen dataclasses. A run of an experiment is the base recipe plus dotted overrides
-(`{"model.architecture": "single_tower"}`), resolved by `resolve_run`.
+(`{"model.architecture": "single_tower"}`), resolved by `resolve_run`; each run is replicated
+over the experiment's training seeds (`seeds`, seed_replicates), every replicate a run of its own.
 
 Validation happens twice on purpose: the JSON schema (workflow/schemas/config.schema.yaml) stops
 Snakemake before any job with a message naming the key; `from_dict` repeats the value checks so
@@ -62,12 +63,13 @@ class Metric:
     label: str  # axis label of the figures
     percent: bool = False  # a fraction in the JSON, a percentage in tables and figures
     world_only: bool = False  # reads the tiny world's scene records (data.source: world)
+    lower_is_better: bool = False  # FID: the findings scorecard (eval.findings) reads it
 
 
 # The paper's column names. Written by eval.fid, eval.clip_score, eval.itm (BLIP-2 image-text
 # matching, x100), eval.mmlu, eval.linear_probe, eval.geneval and eval.caption_attributes.
 METRICS = {
-    "fid": Metric("FID (lower is better)"),
+    "fid": Metric("FID (lower is better)", lower_is_better=True),
     "clip": Metric("CLIP score"),
     "blip": Metric("BLIP (ITM) score"),
     "mmlu": Metric("MMLU (%)", percent=True),
@@ -362,8 +364,16 @@ class Experiment:
     changes: tuple[str, ...] = ()  # <metric>_change columns: a run against its base LLM (mmlu)
     tokens_seen: bool = False  # T2I/I2T tokens seen per step, from the training logs
     paper: PaperReference | None = None
-    plot: dict[str, Any] = field(default_factory=dict)  # x: {metric: column}, legend, facet
+    plot: dict[str, Any] = field(default_factory=dict)  # x, legend, labels, facet
     caption: str = ""
+    # Training seeds per run (None: the recipe's top-level `seeds`, default 1): each run is
+    # replicated with training.seed s, s+1, … (xfusion.config.seed_replicates); tables and figures
+    # report the mean over a run's seeds and a 95 % t-interval.
+    seeds: int | None = None
+    per_seed: bool = False  # table: each seed's row above its run's mean (the seed spread)
+    # Set from `runs` and `seeds`, not in config: declared run -> its seed replicates' names (the
+    # declared run first); `runs` then holds every replicate.
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def kind(self) -> str:
@@ -551,10 +561,69 @@ def _experiment(name: str, spec: Mapping[str, Any], world: bool = True) -> Exper
     return exp
 
 
+SCORECARD = "findings"  # R/tables/findings.csv, R/figures/findings.*: no experiment's name
+
+
+def seed_replicates(run: str, overrides: Mapping[str, Any], seeds: int,
+                    recipe_seed: Any) -> dict[str, dict[str, Any]]:
+    """A run and its seed replicates: the run itself (its own training.seed s, from its
+    overrides or the recipe) and `<run>_seed<k>` with training.seed k for k = s+1 … s+seeds-1.
+    The names depend on the seeds only, so a replicate shared by two experiments is one run."""
+    overrides = dict(overrides or {})
+    out = {run: overrides}
+    if seeds == 1:
+        return out
+    own = overrides.get("training.seed", recipe_seed)
+    _check(isinstance(own, int) and not isinstance(own, bool), "training.seed", own,
+           f"an integer, the first of run {run}'s {seeds} training seeds")
+    for seed in range(own + 1, own + seeds):
+        out[f"{run}_seed{seed}"] = {**overrides, "training.seed": seed}
+    return out
+
+
+def _seeded(exp: Experiment, default: Any, recipe_seed: int) -> Experiment:
+    """`exp` with every declared run replicated over its seeds (`exp.seeds`, else `default`, the
+    recipe's top-level `seeds`): `runs` lists the replicates, `groups` maps run -> replicates."""
+    key = f"experiments.{exp.name}"
+    seeds = exp.seeds if exp.seeds is not None else default
+    where = f"{key}.seeds" if exp.seeds is not None else "seeds"
+    _check(isinstance(seeds, int) and not isinstance(seeds, bool) and seeds >= 1, where, seeds,
+           "the number of training seeds per run: an integer >= 1")
+    runs: dict[str, dict[str, Any]] = {}
+    groups: dict[str, tuple[str, ...]] = {}
+    for run, overrides in exp.runs.items():
+        replicates = seed_replicates(run, overrides, seeds, recipe_seed)
+        for name in replicates:
+            _check(name == run or name not in exp.runs, f"{key}.runs.{name}", exp.runs.get(name),
+                   f"also the name of a seed replicate of {run}: rename the run")
+        runs.update(replicates)
+        groups[run] = tuple(replicates)
+    return dataclasses.replace(exp, runs=runs, groups=groups, seeds=seeds)
+
+
 def experiments_from_dict(raw: Mapping[str, Any]) -> dict[str, Experiment]:
     world = (raw.get("data") or {}).get("source", DataConfig.source) == "world"
-    return {name: _experiment(name, spec, world)
-            for name, spec in (raw.get("experiments") or {}).items()}
+    seeds = raw.get("seeds", 1)
+    recipe_seed = (raw.get("training") or {}).get("seed", TrainingConfig.seed)
+    out = {}
+    for name, spec in (raw.get("experiments") or {}).items():
+        if name == SCORECARD:
+            raise ConfigError(f"config.experiments.{name}: the findings scorecard's name "
+                              "(R/tables/findings.csv, eval.findings); rename the experiment")
+        if isinstance(spec, Mapping) and "groups" in spec:
+            raise ConfigError(f"config.experiments.{name}.groups: unknown key (set from runs and "
+                              "seeds, not in config)")
+        out[name] = _seeded(_experiment(name, spec, world), seeds, recipe_seed)
+        labels = out[name].plot.get("labels", {})
+        _check(set(labels) <= set(out[name].groups), f"experiments.{name}.plot.labels", labels,
+               "its keys must be runs of the experiment")
+    return out
+
+
+def run_groups(raw: Mapping[str, Any]) -> dict[str, str]:
+    """Every run -> the declared run whose seed replicate it is (itself for a declared run)."""
+    return {replicate: run for exp in experiments_from_dict(raw).values()
+            for run, replicates in exp.groups.items() for replicate in replicates}
 
 
 def get_experiment(raw: Mapping[str, Any], name: str) -> Experiment:

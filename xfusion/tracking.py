@@ -4,8 +4,9 @@ One MLflow experiment per ablation group (`table1`, `figure5`, …), one MLflow 
 variant and recipe. The run id is kept in `R/runs/RUN/mlflow_run_id.txt`, so a resumed training
 and the later evaluation rules log into the same run. An MLflow run lives in one experiment (the
 first group declaring it); tags `xfusion.experiment.<group>` = 1 (and `xfusion.experiments`, the
-list) make a run shared by several figures findable from each of them, and `xfusion.recipe` is
-its recipe hash (xfusion.config.train_recipe). A run whose recipe changed is kept, tagged
+list) make a run shared by several figures findable from each of them, `xfusion.group` names the
+declared run whose seed replicate it is (`dual_tower` for `dual_tower_seed1`, and for itself;
+xfusion.config.seed_replicates), and `xfusion.recipe` is its recipe hash (xfusion.config.train_recipe). A run whose recipe changed is kept, tagged
 `xfusion.superseded` = 1 (`xfusion.superseded_by`: the new hash, `xfusion.superseded_to`: where
 its files went), and the new recipe gets a new MLflow run.
 
@@ -29,7 +30,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
-from xfusion.config import experiments_using
+from xfusion.config import experiments_using, run_groups
 from xfusion.io import atomic_write_text
 
 RUN_ID_FILE = "mlflow_run_id.txt"
@@ -205,7 +206,9 @@ def experiment_tags(raw_config: Mapping[str, Any], run_name: str) -> dict[str, s
     """Tags naming every ablation group that declares `run_name`: filter on
     `tags."xfusion.experiment.figure5" = '1'` across experiments to find all of a figure's runs."""
     names = experiments_using(raw_config, run_name)
-    return {"xfusion.experiments": ",".join(names),
+    # A seed replicate (<run>_seed<k>) is a run of its own, grouped with its run's other seeds.
+    group = run_groups(raw_config).get(run_name, run_name)
+    return {"xfusion.experiments": ",".join(names), "xfusion.group": group,
             **{f"xfusion.experiment.{name}": "1" for name in names}}
 
 

@@ -8,6 +8,12 @@ Where tables and figures go (one rule): each scale's are real outputs under its 
 `results/<experiment>.csv` is a plain copy of the table of the config Snakemake runs with (rule
 publish), so `snakemake results/table1.csv` (tiny) and `snakemake --profile slurm
 results/table1.csv` (paper) both work, and the copy is remade whenever another scale is run.
+The findings scorecard is one more table and figure, `R/tables/findings.csv` and
+`R/figures/findings.{png,pdf}` (rule findings, from the tables), published as results/findings.csv.
+
+Seeds: RUNS holds every seed replicate `<run>_seed<k>` beside its run (xfusion.config
+.seed_replicates), so the wildcard constraint of `run` and every per-run rule take them as runs;
+the base LLMs and judges are per base name and per scale, shared by all seeds.
 """
 
 import os
@@ -22,7 +28,8 @@ from snakemake.exceptions import WorkflowError
 from xfusion.config import ALIGN_ENCODER, JUDGE_NAMES, ConfigError, all_runs, apply_overrides
 from xfusion.config import config_schema
 from xfusion.config import experiment_recipe, experiments_from_dict, recipe_hash, resolve_run
-from xfusion.config import run_from_dict
+from xfusion.config import SCORECARD, load_yaml, run_from_dict
+from eval.findings import tables_read
 from xfusion.io import atomic_write_text
 
 
@@ -305,8 +312,27 @@ def aggregate_flags(wildcards, input):
     return " ".join(flags)
 
 
+# ---- the findings scorecard (eval.findings) ----------------------------------------------------
+
+# The findings, as contrasts of our tables, beside the transcription of the papers.
+FINDINGS = str(Path(workflow.basedir) / "reference" / "findings.yaml")
+SCORECARD_TABLES = tables_read(load_yaml(FINDINGS))  # the experiments its findings read
+
+
+def scorecard_tables(wildcards=None):
+    """The tables of this config's experiments that the scorecard reads, by experiment: a
+    finding whose experiment this config lacks gets an inconclusive row, not a missing input."""
+    return {e: table_path(e) for e in SCORECARD_TABLES if e in EXPERIMENTS}
+
+
+def scorecard_flags(wildcards, input):
+    return " ".join(f"{e}={input[e]}" for e in scorecard_tables(wildcards))
+
+
 def final_targets():
-    """Every table and figure of the scale, and the copies results/<experiment>.csv."""
-    tables = [table_path(e) for e in EXPERIMENTS]
-    figures = [figure_path(e, ext) for e in FIGURES for ext in ("png", "pdf")]
-    return tables + figures + [f"results/{e}.csv" for e in EXPERIMENTS]
+    """Every table and figure of the scale, the findings scorecard, and the copies
+    results/<experiment>.csv (results/findings.csv)."""
+    names = [*EXPERIMENTS, SCORECARD]
+    tables = [table_path(e) for e in names]
+    figures = [figure_path(e, ext) for e in [*FIGURES, SCORECARD] for ext in ("png", "pdf")]
+    return tables + figures + [f"results/{e}.csv" for e in names]

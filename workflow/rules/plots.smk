@@ -1,5 +1,6 @@
 # Figures: drawn from an experiment's CSV, the paper's findings as subtitle / numbers beside ours,
-# under the scale's results_dir (R/figures/<experiment>.{png,pdf}).
+# under the scale's results_dir (R/figures/<experiment>.{png,pdf}); the findings scorecard's
+# figure is drawn by its own rule (aggregate.smk, rule findings).
 
 
 rule plot:
