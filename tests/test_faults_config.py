@@ -1,7 +1,7 @@
-"""Ten malformed configs, ten clear errors before any job: `snakemake -n` on a broken copy of
+"""Malformed configs, each a clear error before any job: `snakemake -n` on a broken copy of
 config/tiny.yaml exits non-zero, names the offending key, and writes nothing under results_dir.
 
-The ten dry runs are started together (each is a Snakefile parse, a few seconds) and bounded by
+The dry runs are started together (each is a Snakefile parse, a few seconds) and bounded by
 one deadline."""
 
 from __future__ import annotations
@@ -36,6 +36,14 @@ def _runs(experiment, runs):
     return edit
 
 
+def _run_set(experiment, run, overrides):
+    """More overrides for one run of one experiment (a new run where `run` is not declared)."""
+    def edit(raw):
+        runs = raw["experiments"][experiment]["runs"]
+        runs[run] = {**(runs.get(run) or {}), **overrides}
+    return edit
+
+
 def _set(overrides):
     def edit(raw):
         raw.update(apply_overrides(raw, overrides))
@@ -56,6 +64,19 @@ CASES = {
                              "architecure"),
     "run_name_two_meanings": (_runs("figure5", {"dual_tower": {"training.t2i_ratio": 0.5}}),
                               "dual_tower"),
+    # references, resolved before any job (xfusion.config_check)
+    "missing_base_lm_path": (_set({"model.base_lm.source": "pretrained",
+                                   "model.base_lm.path": "/nonexistent/llama-3.2-1b"}),
+                             "config.model.base_lm.path = '/nonexistent/llama-3.2-1b'"),
+    "repa_layer_beyond_depth": (_run_set("figureB", "size_s_align_on", {"model.repa.layer": 9}),
+                                "config.experiments.figureB.runs.size_s_align_on -> "
+                                "config.model.repa.layer = 9"),
+    "unknown_evaluator": (_set({"evaluation.fid_extractor": "inception-v4"}),
+                          "config.evaluation.fid_extractor = 'inception-v4'"),
+    "probe_layer_beyond_depth_in_run": (_run_set("figureD", "probe_deep",
+                                                 {"evaluation.probe_layers": [1, 2, 9]}),
+                                        "config.experiments.figureD.runs.probe_deep -> "
+                                        "config.evaluation.probe_layers = [1, 2, 9]"),
 }
 
 
@@ -95,8 +116,8 @@ def dry_runs(tmp_path_factory) -> dict:
 
 
 def test_the_valid_config_passes_the_same_dry_run(dry_runs):
-    """The control, run beside the ten: the unbroken config (with a tmp results_dir) is
-    accepted, so the failures below come from the ten edits."""
+    """The control, run beside the broken ones: the unbroken config (with a tmp results_dir) is
+    accepted, so the failures below come from the edits."""
     returncode, output, _ = dry_runs[VALID]
     assert returncode == 0, output[-2000:]
 
