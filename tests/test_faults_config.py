@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from xfusion.config import apply_overrides, load_yaml
+from xfusion.config import ConfigError, apply_overrides, config_schema, load_yaml
+from xfusion.config_check import check_config
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")  # the environment running the tests
@@ -131,3 +132,64 @@ def test_malformed_config_stops_before_any_job_naming_the_key(name, dry_runs):
     assert "Traceback" not in output, f"{name}: a traceback, not a clear error\n{output[-2000:]}"
     assert "Job stats" not in output and "rule " not in output  # no job was planned
     assert not R.exists(), f"{name}: {R} was written"
+
+
+# ---- references, checked in-process (xfusion.config_check, what the dry runs above call) -------
+
+SCHEMA = config_schema(REPO / "workflow" / "schemas" / "config.schema.yaml")
+
+
+def _problems(raw) -> str:
+    with pytest.raises(ConfigError) as err:
+        check_config(raw, SCHEMA)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"evaluation.mmlu_path": "/nonexistent/mmlu"},
+     "config.evaluation.mmlu_path = '/nonexistent/mmlu': no such directory"),
+    ({"evaluation.itm_model": "bad id!"},
+     "config.evaluation.itm_model = 'bad id!': neither an existing local path nor a hub id"),
+    ({"evaluation.clip_model": "judge_itm"},
+     "config.evaluation.clip_model = 'judge_itm': not a judge this key can name; use judge_clip"),
+    ({"evaluation.bertscore_model": "judge_clpi"},
+     "config.evaluation.bertscore_model = 'judge_clpi': not a judge this key can name"),
+    ({"model.base_lm.source": "pretrained", "model.base_lm.path": "org/llama-not-cached"},
+     "config.model.base_lm.path = 'org/llama-not-cached': a hub id not in the local Hugging Face "
+     "cache"),
+])
+def test_a_bad_reference_names_its_key_and_value(overrides, expected):
+    assert expected in _problems(apply_overrides(load_yaml(REPO / "config" / "tiny.yaml"),
+                                                 overrides))
+
+
+def test_layers_are_checked_against_a_local_base_llms_config(tmp_path):
+    """A local HF model directory: its depth comes from config.json (AutoConfig), no weights."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(num_hidden_layers=6).save_pretrained(tmp_path / "llama")
+    raw = apply_overrides(load_yaml(REPO / "config" / "tiny.yaml"),
+                          {"model.base_lm.source": "pretrained",
+                           "model.base_lm.path": str(tmp_path / "llama")})
+    assert check_config(raw, SCHEMA)  # repa.layer 2 and probe layers 1-4 fit 6 layers
+    _run_set("figureB", "size_s_align_on", {"model.repa.layer": 7})(raw)
+    assert _problems(raw) == (
+        "config.experiments.figureB.runs.size_s_align_on -> config.model.repa.layer = 7: the base "
+        "LLM (model.base_lm.path: tiny_s) has 6 layers; each index must be in [1, 6]")
+
+
+def test_offline_a_hub_id_must_be_in_the_local_cache(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE=1: a hub id missing from the cache fails at parse time, naming the key
+    and the offline mode; once a snapshot of it is in the cache, the config passes."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    raw = apply_overrides(load_yaml(REPO / "config" / "tiny.yaml"),
+                          {"evaluation.clip_model": "openai/clip-vit-base-patch32"})
+    problems = _problems(raw)
+    assert problems.startswith("config.evaluation.clip_model = 'openai/clip-vit-base-patch32': "
+                               "a hub id, but HF_HUB_OFFLINE=1 and it is not in the local")
+    assert problems.count("\n") == 0  # the recipe's problem, not repeated for each run
+    (tmp_path / "models--openai--clip-vit-base-patch32" / "snapshots" / "abc").mkdir(parents=True)
+    assert check_config(raw, SCHEMA)

@@ -445,9 +445,10 @@ def apply_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> di
     for dotted, value in overrides.items():
         node = out
         parts = dotted.split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             if not isinstance(node.get(part, {}), dict):
-                raise ConfigError(f"{dotted}: {part} is not a section")
+                raise ConfigError(f"override {dotted}: config.{'.'.join(parts[:i + 1])} is a "
+                                  "value, not a section; fix the override's key")
             node = node.setdefault(part, {})
         node[parts[-1]] = copy.deepcopy(value)
     return out

@@ -18,6 +18,7 @@ runs again in every cluster job, and an unreachable hub would cost each parse mi
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,19 +28,26 @@ from xfusion.config import JUDGE_NAMES, ConfigError, RunConfig, all_runs, apply_
 from xfusion.config import experiments_from_dict, experiments_using, resolve_run, run_from_dict
 
 
+def _part(key: Any) -> str:
+    """One component of a dotted key; quoted where it is not a plain name (a key of spaces, a
+    line break or nothing would otherwise garble the message)."""
+    return key if isinstance(key, str) and re.fullmatch(r"[\w.\-]+", key) else repr(key)
+
+
 def schema_messages(raw: Any, schema: Mapping[str, Any], prefix: str = "config") -> list[str]:
     """Every schema violation of `raw` as `config.a.b = value: why` (empty when valid)."""
     messages = []
     errors = jsonschema.Draft202012Validator(schema).iter_errors(raw)
     for err in sorted(errors, key=lambda e: [str(p) for p in e.absolute_path]):
-        key = ".".join([prefix, *map(str, err.absolute_path)])
+        key = ".".join([prefix, *map(_part, err.absolute_path)])
         if err.validator == "required":
             missing = [k for k in err.validator_value if k not in err.instance]
             messages += [f"{key}.{k}: missing required key" for k in missing]
         elif err.validator == "additionalProperties" and err.validator_value is False:
             known = err.schema.get("properties", {})
-            unknown = sorted(map(str, (k for k in err.instance if k not in known)))
-            messages += [f"{key}.{k}: unknown key (known: {', '.join(known)})" for k in unknown]
+            unknown = sorted((k for k in err.instance if k not in known), key=str)
+            messages += [f"{key}.{_part(k)}: unknown key (known: {', '.join(known)})"
+                         for k in unknown]
         else:
             messages.append(f"{key} = {err.instance!r}: {err.message}")
     return messages
@@ -55,7 +63,11 @@ def check_config(raw: Mapping[str, Any], schema: Mapping[str, Any]) -> dict[str,
     for exp_name, spec in raw["experiments"].items():
         for run in spec.get("runs") or {}:
             where = f"config.experiments.{exp_name}.runs.{run} ->"
-            resolved = apply_overrides(raw, runs[run])
+            try:
+                resolved = apply_overrides(raw, runs[run])
+            except ConfigError as err:
+                messages.append(f"{where} {err}")
+                continue
             messages += [f"{where} {m}" for m in schema_messages(resolved, schema)]
     if messages:
         raise ConfigError("\n".join(messages))
