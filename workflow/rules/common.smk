@@ -1,7 +1,8 @@
 """Config validation, the run registry, paths and input functions shared by every stage.
 
-Everything here runs when Snakemake parses the workflow, before any job: a config that the schema
-or xfusion.config rejects stops the run with a message naming the dotted key.
+Everything here runs when Snakemake parses the workflow, before any job: a config that
+xfusion.config_check rejects (schema, typed values, references: paths, hub ids, layer indices,
+evaluator names) stops the run with a message naming the dotted key.
 
 Where tables and figures go (one rule): each scale's are real outputs under its `results_dir` R,
 `R/tables/<experiment>.csv` (rule aggregate) and `R/figures/<experiment>.{png,pdf}` (rule plot);
