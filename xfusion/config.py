@@ -4,9 +4,10 @@ The YAML files under `config/` (the Snakemake config) are the user's entry; this
 them into frozen dataclasses. A run of an experiment is the base recipe plus dotted overrides
 (`{"model.architecture": "single_tower"}`), resolved by `resolve_run`.
 
-Validation happens twice on purpose: the JSON schema (workflow/schemas/config.schema.yaml) stops
-Snakemake before any job with a message naming the key; `from_dict` repeats the value checks so
-that every `python -m` entry point used on its own fails just as clearly.
+Validation happens twice on purpose: xfusion.config_check (the JSON schema of
+workflow/schemas/config.schema.yaml, these value checks and every reference the config makes)
+stops Snakemake before any job with a message naming the key; `from_dict` repeats the value
+checks so that every `python -m` entry point used on its own fails just as clearly.
 
 Provenance: `READS` says which config keys each job of the DAG reads; `recipe_hash(run, job)`
 hashes those values. The train recipe (`train_recipe`) is written into checkpoints, step dirs,

@@ -97,8 +97,8 @@ def reference_messages(raw: Mapping[str, Any], recipe: RunConfig,
     are reported once, for the recipe."""
     probed = {run for exp in experiments_from_dict(raw).values() if exp.measure == "probe"
               for run in exp.runs}
-    seen = set(run_references(recipe, probe=False))
-    messages = list(seen)
+    messages = run_references(recipe, probe=False)
+    seen = set(messages)
     for name, run in runs.items():
         where = f"config.experiments.{experiments_using(raw, name)[0]}.runs.{name} ->"
         messages += [f"{where} {m}" for m in run_references(run, probe=name in probed)
