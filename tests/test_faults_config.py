@@ -193,3 +193,33 @@ def test_offline_a_hub_id_must_be_in_the_local_cache(tmp_path, monkeypatch):
     assert problems.count("\n") == 0  # the recipe's problem, not repeated for each run
     (tmp_path / "models--openai--clip-vit-base-patch32" / "snapshots" / "abc").mkdir(parents=True)
     assert check_config(raw, SCHEMA)
+
+
+def test_layers_are_checked_against_a_cached_hub_models_config(tmp_path, monkeypatch,
+                                                                hub_model_config):
+    """A hub id: the depth comes from the cached config.json, offline too; a run override's
+    probe layer beyond it names the run, the key and the base LLM."""
+    from huggingface_hub import constants
+
+    hub_model_config(tmp_path, "org/llama-6", 6)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    raw = apply_overrides(load_yaml(REPO / "config" / "tiny.yaml"),
+                          {"model.base_lm.source": "pretrained",
+                           "model.base_lm.path": "org/llama-6"})
+    assert check_config(raw, SCHEMA)
+    _run_set("figureD", "probe_deep", {"evaluation.probe_layers": [1, 7]})(raw)
+    assert _problems(raw) == (
+        "config.experiments.figureD.runs.probe_deep -> config.evaluation.probe_layers = [1, 7]: "
+        "the base LLM (model.base_lm.path: tiny_base) has 6 layers; each index must be in [1, 6]")
+
+
+def test_a_local_vae_needs_its_subfolder(tmp_path):
+    (tmp_path / "sd15" / "vae").mkdir(parents=True)
+    raw = apply_overrides(load_yaml(REPO / "config" / "tiny.yaml"),
+                          {"model.codec.kind": "autoencoder_kl",
+                           "model.codec.path": str(tmp_path / "sd15"),
+                           "model.codec.subfolder": "vea"})
+    assert _problems(raw).startswith("config.model.codec.subfolder = 'vea': no such directory")
+    raw["model"]["codec"]["subfolder"] = "vae"
+    assert check_config(raw, SCHEMA)

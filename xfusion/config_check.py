@@ -115,6 +115,11 @@ def run_references(cfg: RunConfig, probe: bool) -> list[str]:
         out += model_reference("model.base_lm.path", m.base_lm.path)
     if m.codec.kind == "autoencoder_kl":
         out += model_reference("model.codec.path", m.codec.path)
+        local = Path(m.codec.path or "").expanduser()
+        if m.codec.path and m.codec.subfolder and local.is_dir() and not (
+                local / m.codec.subfolder).is_dir():
+            out.append(f"config.model.codec.subfolder = {m.codec.subfolder!r}: no such directory "
+                       f"in model.codec.path ({m.codec.path}); fix it or set it to null")
     if d.source == "folder":
         out += local_reference("data.image_dir", d.image_dir, "directory")
     if d.captioner.backend == "hf":
