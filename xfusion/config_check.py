@@ -93,16 +93,20 @@ FID_JUDGE = "judge_clip"  # else a torch-fidelity feature extractor (eval/fid.py
 
 def reference_messages(raw: Mapping[str, Any], recipe: RunConfig,
                        runs: Mapping[str, RunConfig]) -> list[str]:
-    """What the recipe and each run point to, checked; a run's problems that the recipe has too
-    are reported once, for the recipe."""
+    """What the recipe and each run point to, checked; a problem the recipe has is reported
+    once, for the recipe, and one that several runs share once, naming them all."""
     probed = {run for exp in experiments_from_dict(raw).values() if exp.measure == "probe"
               for run in exp.runs}
     messages = run_references(recipe, probe=False)
-    seen = set(messages)
+    runs_with: dict[str, list[str]] = {}  # problem -> the runs that have it
     for name, run in runs.items():
-        where = f"config.experiments.{experiments_using(raw, name)[0]}.runs.{name} ->"
-        messages += [f"{where} {m}" for m in run_references(run, probe=name in probed)
-                     if m not in seen]
+        for problem in run_references(run, probe=name in probed):
+            if problem not in messages:
+                runs_with.setdefault(problem, []).append(name)
+    for problem, (first, *others) in runs_with.items():
+        also = f" (the same in runs {', '.join(others)})" if others else ""
+        messages.append(f"config.experiments.{experiments_using(raw, first)[0]}.runs.{first} -> "
+                        f"{problem}{also}")
     return messages
 
 
