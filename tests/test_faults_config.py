@@ -223,3 +223,14 @@ def test_a_local_vae_needs_its_subfolder(tmp_path):
     assert _problems(raw).startswith("config.model.codec.subfolder = 'vea': no such directory")
     raw["model"]["codec"]["subfolder"] = "vae"
     assert check_config(raw, SCHEMA)
+
+
+def test_a_problem_runs_share_is_one_line_naming_each_run():
+    """An unreadable base LLM config blocks the REPA check of the three align_on runs of
+    Supp. Fig. B: one line, naming all three, not three copies."""
+    raw = apply_overrides(load_yaml(REPO / "config" / "tiny.yaml"),
+                          {"model.base_lm.source": "pretrained",
+                           "model.base_lm.path": "org/llama-not-cached"})
+    repa = [line for line in _problems(raw).splitlines() if "check model.repa.layer" in line]
+    assert len(repa) == 1
+    assert all(f"size_{size}_align_on" in repa[0] for size in "sml")
