@@ -151,9 +151,10 @@ def _problems(raw) -> str:
     ({"evaluation.itm_model": "bad id!"},
      "config.evaluation.itm_model = 'bad id!': neither an existing local path nor a hub id"),
     ({"evaluation.clip_model": "judge_itm"},
-     "config.evaluation.clip_model = 'judge_itm': not a judge this key can name; use judge_clip"),
+     "config.evaluation.clip_model = 'judge_itm': not a model of the pipeline this key can name; "
+     "use judge_clip"),
     ({"evaluation.bertscore_model": "judge_clpi"},
-     "config.evaluation.bertscore_model = 'judge_clpi': not a judge this key can name"),
+     "config.evaluation.bertscore_model = 'judge_clpi': not a model of the pipeline this key"),
     ({"model.base_lm.source": "pretrained", "model.base_lm.path": "org/llama-not-cached"},
      "config.model.base_lm.path = 'org/llama-not-cached': a hub id not in the local Hugging Face "
      "cache"),

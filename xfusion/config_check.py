@@ -80,13 +80,14 @@ def check_config(raw: Mapping[str, Any], schema: Mapping[str, Any]) -> dict[str,
 
 # ---- references --------------------------------------------------------------------------------
 
-# Keys naming an evaluator: the judge of eval.judges it may name, or else a checkpoint (a local
-# path or a hub id). The names of eval/common.py's JUDGES; fid_extractor is checked on its own.
-EVALUATOR_JUDGES = {
-    "evaluation.clip_model": "judge_clip",
-    "evaluation.itm_model": "judge_itm",
-    "evaluation.bertscore_model": "judge_clip",
-    "model.repa.encoder": "judge_clip",
+# Keys naming an evaluator or encoder: the models the pipeline trains itself that each may name
+# (eval.judges' judges, eval/common.py's JUDGES), or else a checkpoint (a local path or a hub
+# id); fid_extractor is checked on its own.
+PIPELINE_MODELS = {
+    "evaluation.clip_model": ("judge_clip",),
+    "evaluation.itm_model": ("judge_itm",),
+    "evaluation.bertscore_model": ("judge_clip",),
+    "model.repa.encoder": ("judge_clip",),
 }
 FID_JUDGE = "judge_clip"  # else a torch-fidelity feature extractor (eval/fid.py)
 
@@ -139,13 +140,14 @@ def run_references(cfg: RunConfig, probe: bool) -> list[str]:
                   "evaluation.bertscore_model": e.bertscore_model}
     if m.repa.enabled:
         evaluators["model.repa.encoder"] = m.repa.encoder
+    trained = {name for names in PIPELINE_MODELS.values() for name in names}
     for key, name in evaluators.items():
-        if name == EVALUATOR_JUDGES[key]:
+        if name in PIPELINE_MODELS[key]:
             continue
-        if name in JUDGE_NAMES or name.startswith("judge_"):
-            out.append(f"config.{key} = {name!r}: not a judge this key can name; use "
-                       f"{EVALUATOR_JUDGES[key]} (trained by eval.judges) or a checkpoint "
-                       "(local path or hub id)")
+        if name in trained | set(JUDGE_NAMES) or name.startswith("judge_"):
+            out.append(f"config.{key} = {name!r}: not a model of the pipeline this key can name; "
+                       f"use {' or '.join(PIPELINE_MODELS[key])} or a checkpoint (local path or "
+                       "hub id)")
         elif key == "model.repa.encoder" and m.repa.encoder_path:
             out += model_reference("model.repa.encoder_path", m.repa.encoder_path)
         else:
