@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -96,3 +97,57 @@ def _restore_launcher_variables():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+# The depth of each base LLM config/paper.yaml names (from the models' config.json).
+PAPER_BASE_DEPTHS = {"meta-llama/Llama-3.2-1B": 16, "meta-llama/Llama-3.2-3B": 28,
+                     "meta-llama/Llama-3.1-8B": 32}
+
+
+@pytest.fixture(scope="session")
+def hub_model_config() -> Callable[[Path, str, int], None]:
+    """`hub_model_config(cache, "org/name", layers)`: a Hugging Face hub cache entry (the layout
+    of HF_HUB_CACHE: refs/main names one snapshot) holding only a Llama config.json of that
+    depth, all that xfusion.config_check reads of a base LLM."""
+    from transformers import LlamaConfig
+
+    def write(cache: Path, repo_id: str, layers: int) -> None:
+        model = cache / f"models--{repo_id.replace('/', '--')}"
+        snapshot = model / "snapshots" / ("0" * 40)
+        snapshot.mkdir(parents=True)
+        (model / "refs").mkdir()
+        (model / "refs" / "main").write_text("0" * 40)
+        LlamaConfig(num_hidden_layers=layers).to_json_file(snapshot / "config.json")
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def _paper_machine(tmp_path_factory, hub_model_config) -> tuple[dict[str, Any], dict[str, str]]:
+    """config/paper.yaml as a machine with its data and models sees it, for paper-scale dry runs
+    (xfusion.config_check resolves every reference while Snakemake parses): `data.image_dir` and
+    `evaluation.mmlu_path` as empty temp dirs, and a Hugging Face cache (HF_HUB_CACHE in the
+    returned env) holding only each base LLM's config.json, so the layer checks read real
+    depths. Returns (the raw config, the env for a snakemake subprocess)."""
+    from xfusion.config import all_runs
+
+    root = tmp_path_factory.mktemp("paper_machine")
+    overrides = {"data.image_dir": str(root / "coco"), "evaluation.mmlu_path": str(root / "mmlu")}
+    for path in overrides.values():
+        Path(path).mkdir()
+    raw = apply_overrides(load_yaml(REPO / "config" / "paper.yaml"), overrides)
+    bases = {raw["model"]["base_lm"]["path"]} | {
+        o["model.base_lm.path"] for o in all_runs(raw).values() if "model.base_lm.path" in o}
+    cache = root / "hf_hub"
+    for repo_id in bases:
+        hub_model_config(cache, repo_id, PAPER_BASE_DEPTHS[repo_id])
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    env.pop("HF_HUB_OFFLINE", None)
+    return raw, env
+
+
+@pytest.fixture
+def paper_config(_paper_machine) -> tuple[dict[str, Any], dict[str, str]]:
+    """See _paper_machine; a copy per test, which may edit it."""
+    raw, env = _paper_machine
+    return copy.deepcopy(raw), dict(env)

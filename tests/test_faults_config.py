@@ -1,7 +1,7 @@
-"""Ten malformed configs, ten clear errors before any job: `snakemake -n` on a broken copy of
+"""Malformed configs, each a clear error before any job: `snakemake -n` on a broken copy of
 config/tiny.yaml exits non-zero, names the offending key, and writes nothing under results_dir.
 
-The ten dry runs are started together (each is a Snakefile parse, a few seconds) and bounded by
+The dry runs are started together (each is a Snakefile parse, a few seconds) and bounded by
 one deadline."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from xfusion.config import apply_overrides, load_yaml
+from xfusion.config import ConfigError, apply_overrides, config_schema, load_yaml
+from xfusion.config_check import check_config
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")  # the environment running the tests
@@ -33,6 +34,14 @@ def _drop(key):
 def _runs(experiment, runs):
     def edit(raw):
         raw["experiments"][experiment]["runs"].update(runs)
+    return edit
+
+
+def _run_set(experiment, run, overrides):
+    """More overrides for one run of one experiment (a new run where `run` is not declared)."""
+    def edit(raw):
+        runs = raw["experiments"][experiment]["runs"]
+        runs[run] = {**(runs.get(run) or {}), **overrides}
     return edit
 
 
@@ -56,6 +65,19 @@ CASES = {
                              "architecure"),
     "run_name_two_meanings": (_runs("figure5", {"dual_tower": {"training.t2i_ratio": 0.5}}),
                               "dual_tower"),
+    # references, resolved before any job (xfusion.config_check)
+    "missing_base_lm_path": (_set({"model.base_lm.source": "pretrained",
+                                   "model.base_lm.path": "/nonexistent/llama-3.2-1b"}),
+                             "config.model.base_lm.path = '/nonexistent/llama-3.2-1b'"),
+    "repa_layer_beyond_depth": (_run_set("figureB", "size_s_align_on", {"model.repa.layer": 9}),
+                                "config.experiments.figureB.runs.size_s_align_on -> "
+                                "config.model.repa.layer = 9"),
+    "unknown_evaluator": (_set({"evaluation.fid_extractor": "inception-v4"}),
+                          "config.evaluation.fid_extractor = 'inception-v4'"),
+    "probe_layer_beyond_depth_in_run": (_run_set("figureD", "probe_deep",
+                                                 {"evaluation.probe_layers": [1, 2, 9]}),
+                                        "config.experiments.figureD.runs.probe_deep -> "
+                                        "config.evaluation.probe_layers = [1, 2, 9]"),
 }
 
 
@@ -95,8 +117,8 @@ def dry_runs(tmp_path_factory) -> dict:
 
 
 def test_the_valid_config_passes_the_same_dry_run(dry_runs):
-    """The control, run beside the ten: the unbroken config (with a tmp results_dir) is
-    accepted, so the failures below come from the ten edits."""
+    """The control, run beside the broken ones: the unbroken config (with a tmp results_dir) is
+    accepted, so the failures below come from the edits."""
     returncode, output, _ = dry_runs[VALID]
     assert returncode == 0, output[-2000:]
 
@@ -110,3 +132,109 @@ def test_malformed_config_stops_before_any_job_naming_the_key(name, dry_runs):
     assert "Traceback" not in output, f"{name}: a traceback, not a clear error\n{output[-2000:]}"
     assert "Job stats" not in output and "rule " not in output  # no job was planned
     assert not R.exists(), f"{name}: {R} was written"
+
+
+# ---- references, checked in-process (xfusion.config_check, what the dry runs above call) -------
+
+SCHEMA = config_schema(REPO / "workflow" / "schemas" / "config.schema.yaml")
+
+
+def _problems(raw) -> str:
+    with pytest.raises(ConfigError) as err:
+        check_config(raw, SCHEMA)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"evaluation.mmlu_path": "/nonexistent/mmlu"},
+     "config.evaluation.mmlu_path = '/nonexistent/mmlu': no such directory"),
+    ({"evaluation.itm_model": "bad id!"},
+     "config.evaluation.itm_model = 'bad id!': neither an existing local path nor a hub id"),
+    ({"evaluation.clip_model": "judge_itm"},
+     "config.evaluation.clip_model = 'judge_itm': not a model of the pipeline this key can name; "
+     "use judge_clip"),
+    ({"evaluation.bertscore_model": "judge_clpi"},
+     "config.evaluation.bertscore_model = 'judge_clpi': not a model of the pipeline this key"),
+    ({"model.repa.enabled": True, "model.repa.encoder": "align_encodr"},
+     "config.model.repa.encoder = 'align_encodr': not a model of the pipeline this key can name; "
+     "use align_encoder or judge_clip"),
+    ({"model.base_lm.source": "pretrained", "model.base_lm.path": "org/llama-not-cached"},
+     "config.model.base_lm.path = 'org/llama-not-cached': a hub id not in the local Hugging Face "
+     "cache"),
+])
+def test_a_bad_reference_names_its_key_and_value(overrides, expected):
+    assert expected in _problems(apply_overrides(load_yaml(REPO / "config" / "tiny.yaml"),
+                                                 overrides))
+
+
+def test_layers_are_checked_against_a_local_base_llms_config(tmp_path):
+    """A local HF model directory: its depth comes from config.json (AutoConfig), no weights."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(num_hidden_layers=6).save_pretrained(tmp_path / "llama")
+    raw = apply_overrides(load_yaml(REPO / "config" / "tiny.yaml"),
+                          {"model.base_lm.source": "pretrained",
+                           "model.base_lm.path": str(tmp_path / "llama")})
+    assert check_config(raw, SCHEMA)  # repa.layer 2 and probe layers 1-4 fit 6 layers
+    _run_set("figureB", "size_s_align_on", {"model.repa.layer": 7})(raw)
+    assert _problems(raw) == (
+        "config.experiments.figureB.runs.size_s_align_on -> config.model.repa.layer = 7: the base "
+        "LLM (model.base_lm.path: tiny_s) has 6 layers; each index must be in [1, 6]")
+
+
+def test_offline_a_hub_id_must_be_in_the_local_cache(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE=1: a hub id missing from the cache fails at parse time, naming the key
+    and the offline mode; once a snapshot of it is in the cache, the config passes."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    raw = apply_overrides(load_yaml(REPO / "config" / "tiny.yaml"),
+                          {"evaluation.clip_model": "openai/clip-vit-base-patch32"})
+    problems = _problems(raw)
+    assert problems.startswith("config.evaluation.clip_model = 'openai/clip-vit-base-patch32': "
+                               "a hub id, but HF_HUB_OFFLINE=1 and it is not in the local")
+    assert problems.count("\n") == 0  # the recipe's problem, not repeated for each run
+    (tmp_path / "models--openai--clip-vit-base-patch32" / "snapshots" / "abc").mkdir(parents=True)
+    assert check_config(raw, SCHEMA)
+
+
+def test_layers_are_checked_against_a_cached_hub_models_config(tmp_path, monkeypatch,
+                                                                hub_model_config):
+    """A hub id: the depth comes from the cached config.json, offline too; a run override's
+    probe layer beyond it names the run, the key and the base LLM."""
+    from huggingface_hub import constants
+
+    hub_model_config(tmp_path, "org/llama-6", 6)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    raw = apply_overrides(load_yaml(REPO / "config" / "tiny.yaml"),
+                          {"model.base_lm.source": "pretrained",
+                           "model.base_lm.path": "org/llama-6"})
+    assert check_config(raw, SCHEMA)
+    _run_set("figureD", "probe_deep", {"evaluation.probe_layers": [1, 7]})(raw)
+    assert _problems(raw) == (
+        "config.experiments.figureD.runs.probe_deep -> config.evaluation.probe_layers = [1, 7]: "
+        "the base LLM (model.base_lm.path: tiny_base) has 6 layers; each index must be in [1, 6]")
+
+
+def test_a_local_vae_needs_its_subfolder(tmp_path):
+    (tmp_path / "sd15" / "vae").mkdir(parents=True)
+    raw = apply_overrides(load_yaml(REPO / "config" / "tiny.yaml"),
+                          {"model.codec.kind": "autoencoder_kl",
+                           "model.codec.path": str(tmp_path / "sd15"),
+                           "model.codec.subfolder": "vea"})
+    assert _problems(raw).startswith("config.model.codec.subfolder = 'vea': no such directory")
+    raw["model"]["codec"]["subfolder"] = "vae"
+    assert check_config(raw, SCHEMA)
+
+
+def test_a_problem_runs_share_is_one_line_naming_each_run():
+    """An unreadable base LLM config blocks the REPA check of the three align_on runs of
+    Supp. Fig. B: one line, naming all three, not three copies."""
+    raw = apply_overrides(load_yaml(REPO / "config" / "tiny.yaml"),
+                          {"model.base_lm.source": "pretrained",
+                           "model.base_lm.path": "org/llama-not-cached"})
+    repa = [line for line in _problems(raw).splitlines() if "check model.repa.layer" in line]
+    assert len(repa) == 1
+    assert all(f"size_{size}_align_on" in repa[0] for size in "sml")

@@ -111,8 +111,8 @@ def upstream_of_training(r: Path, base: str) -> None:
         os.utime(path, (now + i, now + i))
 
 
-def test_train_job_submitted_with_gpus_tasks_memory_time(tmp_path):
-    raw = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
+def test_train_job_submitted_with_gpus_tasks_memory_time(tmp_path, paper_config):
+    raw, paper_env = paper_config  # its data folders and base LLMs resolvable here
     r = tmp_path / "results" / "paper"
     raw["results_dir"] = str(r)
     config = tmp_path / "paper.yaml"
@@ -120,7 +120,7 @@ def test_train_job_submitted_with_gpus_tasks_memory_time(tmp_path):
     upstream_of_training(r, raw["model"]["base_lm"]["name"])
     state = tmp_path / "slurm"
     state.mkdir()
-    env = dict(os.environ, PATH=f"{fake_bin(tmp_path)}:{os.environ['PATH']}",
+    env = dict(paper_env, PATH=f"{fake_bin(tmp_path)}:{os.environ['PATH']}",
                FAKE_SLURM_DIR=str(state), OMP_NUM_THREADS="1")
     target = r / "runs" / "dual_tower" / "done.json"
     proc = subprocess.run(

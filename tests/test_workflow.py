@@ -22,9 +22,9 @@ SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 TINY = load_yaml(ROOT / "config" / "tiny.yaml")
 
 
-def snakemake(*args, cwd=ROOT):
-    proc = subprocess.run([str(SNAKEMAKE), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+def snakemake(*args, cwd=ROOT, env=None):
+    proc = subprocess.run([str(SNAKEMAKE), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -140,8 +140,13 @@ def test_shell_commands_follow_interfaces(tmp_path):
     assert "srun" not in train  # one local process
 
 
-def test_paper_dry_run_via_slurm_profile_lists_gpu_training_for_four_architectures():
-    rc, out = snakemake("--profile", "slurm", "-n", "results/table1.csv", "-F")
+def test_paper_dry_run_via_slurm_profile_lists_gpu_training_for_four_architectures(
+        paper_config, tmp_path):
+    raw, env = paper_config  # its data folders and base LLMs resolvable here
+    config = tmp_path / "paper.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    rc, out = snakemake("--profile", "slurm", "--configfile", config, "-n", "results/table1.csv",
+                        "-F", env=env)
     assert rc == 0, out[-3000:]
     train = jobs(out, "train_run")
     runs = {re.search(r"wildcards: run=(\w+)", b).group(1) for b in train}
@@ -364,6 +369,24 @@ def test_results_copy_follows_the_scale_run(executed, tmp_path):
     back = jobs(run(targets=["results/figureE.csv"]), "publish")
     assert len(back) == 1 and "input: results/tiny/tables/figureE.csv" in back[0]
     assert copy.read_bytes() == (work / "results" / "tiny" / "tables" / "figureE.csv").read_bytes()
+
+
+def test_paper_dry_run_after_the_tiny_dag_still_plans_the_paper_jobs(executed, paper_config,
+                                                                      tmp_path):
+    """After `make demo` (here the tiny DAG) wrote results/table1.csv, the user's paper-scale
+    command plans the paper DAG: the tiny copy does not satisfy the paper-scale target."""
+    work, _ = executed
+    assert (work / "results" / "table1.csv").exists()
+    raw, env = paper_config
+    config = tmp_path / "paper.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    rc, out = snakemake("-s", ROOT / "Snakefile", "-d", work, "--profile", ROOT / "slurm",
+                        "--configfile", config, "-n", "results/table1.csv", cwd=work, env=env)
+    assert rc == 0, out[-3000:]
+    assert "Nothing to be done" not in out
+    counts = job_counts(out)
+    assert counts["train_run"] == 4 and counts["publish"] == 1  # table1's four architectures
+    assert "input: results/paper/tables/table1.csv" in jobs(out, "publish")[0]
 
 
 # ---- reruns after a config change: exactly the jobs that read the changed keys -----------------

@@ -5,9 +5,10 @@ them into frozen dataclasses. A run of an experiment is the base recipe plus dot
 (`{"model.architecture": "single_tower"}`), resolved by `resolve_run`; each run is replicated
 over the experiment's training seeds (`seeds`, seed_replicates), every replicate a run of its own.
 
-Validation happens twice on purpose: the JSON schema (workflow/schemas/config.schema.yaml) stops
-Snakemake before any job with a message naming the key; `from_dict` repeats the value checks so
-that every `python -m` entry point used on its own fails just as clearly.
+Validation happens twice on purpose: xfusion.config_check (the JSON schema of
+workflow/schemas/config.schema.yaml, these value checks and every reference the config makes)
+stops Snakemake before any job with a message naming the key; `from_dict` repeats the value
+checks so that every `python -m` entry point used on its own fails just as clearly.
 
 Provenance: `READS` says which config keys each job of the DAG reads; `recipe_hash(run, job)`
 hashes those values. The train recipe (`train_recipe`) is written into checkpoints, step dirs,
@@ -493,9 +494,10 @@ def apply_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> di
     for dotted, value in overrides.items():
         node = out
         parts = dotted.split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             if not isinstance(node.get(part, {}), dict):
-                raise ConfigError(f"{dotted}: {part} is not a section")
+                raise ConfigError(f"override {dotted}: config.{'.'.join(parts[:i + 1])} is a "
+                                  "value, not a section; fix the override's key")
             node = node.setdefault(part, {})
         node[parts[-1]] = copy.deepcopy(value)
     return out

@@ -1,7 +1,8 @@
 """Config validation, the run registry, paths and input functions shared by every stage.
 
-Everything here runs when Snakemake parses the workflow, before any job: a config that the schema
-or xfusion.config rejects stops the run with a message naming the dotted key.
+Everything here runs when Snakemake parses the workflow, before any job: a config that
+xfusion.config_check rejects (schema, typed values, references: paths, hub ids, layer indices,
+evaluator names) stops the run with a message naming the dotted key.
 
 Where tables and figures go (one rule): each scale's are real outputs under its `results_dir` R,
 `R/tables/<experiment>.csv` (rule aggregate) and `R/figures/<experiment>.{png,pdf}` (rule plot);
@@ -21,15 +22,14 @@ import re
 import sys
 from pathlib import Path
 
-import jsonschema
 import yaml
 from snakemake.exceptions import WorkflowError
 
-from xfusion.config import ALIGN_ENCODER, JUDGE_NAMES, ConfigError, all_runs, apply_overrides
-from xfusion.config import config_schema
-from xfusion.config import experiment_recipe, experiments_from_dict, recipe_hash, resolve_run
-from xfusion.config import SCORECARD, load_yaml, run_from_dict
 from eval.findings import tables_read
+from xfusion import config_check
+from xfusion.config import ALIGN_ENCODER, JUDGE_NAMES, SCORECARD, ConfigError, config_schema
+from xfusion.config import experiment_recipe, experiments_from_dict, load_yaml, recipe_hash
+from xfusion.config import run_from_dict
 from xfusion.io import atomic_write_text
 
 
@@ -39,43 +39,13 @@ from xfusion.io import atomic_write_text
 SCHEMA = config_schema(Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
 
 
-def schema_messages(raw, prefix="config"):
-    """Every schema violation of `raw` as `config.a.b = value: why` (empty when valid)."""
-    messages = []
-    errors = jsonschema.Draft202012Validator(SCHEMA).iter_errors(raw)
-    for err in sorted(errors, key=lambda e: [str(p) for p in e.absolute_path]):
-        key = ".".join([prefix, *map(str, err.absolute_path)])
-        if err.validator == "required":
-            missing = [k for k in err.validator_value if k not in err.instance]
-            messages += [f"{key}.{k}: missing required key" for k in missing]
-        elif err.validator == "additionalProperties" and err.validator_value is False:
-            known = err.schema.get("properties", {})
-            unknown = sorted(k for k in err.instance if k not in known)
-            messages += [f"{key}.{k}: unknown key (known: {', '.join(known)})" for k in unknown]
-        else:
-            messages.append(f"{key} = {err.instance!r}: {err.message}")
-    return messages
-
-
 def check_config(raw):
-    """Validate the recipe, then every run (recipe + its overrides); stop with all problems."""
-    messages = schema_messages(raw)
-    if not messages:
-        try:
-            runs = all_runs(raw)  # also checks each experiment (xfusion.config.Experiment)
-        except ConfigError as err:
-            raise WorkflowError(f"Invalid config (stopped before any job): {err}") from None
-        for exp_name, spec in raw["experiments"].items():
-            for run in spec.get("runs") or {}:
-                resolved = apply_overrides(raw, runs[run])
-                where = f"config.experiments.{exp_name}.runs.{run} ->"
-                messages += [f"{where} {m}" for m in schema_messages(resolved)]
-    if messages:
-        raise WorkflowError("Invalid config (stopped before any job):\n  " + "\n  ".join(messages))
+    """xfusion.config_check.check_config (schema, runs, references), as a WorkflowError."""
     try:
-        return {name: resolve_run(raw, name) for name in runs}
+        return config_check.check_config(raw, SCHEMA)
     except ConfigError as err:
-        raise WorkflowError(f"Invalid config (stopped before any job): {err}") from None
+        problems = str(err).replace("\n", "\n  ")
+        raise WorkflowError(f"Invalid config (stopped before any job):\n  {problems}") from None
 
 
 RUNS = check_config(config)  # run name -> resolved xfusion.config.RunConfig
