@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from xfusion.config import ConfigError, apply_overrides, config_schema, load_yaml
+from xfusion.config import ConfigError, apply_overrides, config_schema, experiments_from_dict
+from xfusion.config import load_yaml
 from xfusion.config_check import check_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,9 +178,13 @@ def test_layers_are_checked_against_a_local_base_llms_config(tmp_path):
                            "model.base_lm.path": str(tmp_path / "llama")})
     assert check_config(raw, SCHEMA)  # repa.layer 2 and probe layers 1-4 fit 6 layers
     _run_set("figureB", "size_s_align_on", {"model.repa.layer": 7})(raw)
+    # the run's seed replicates carry its overrides, so the same problem: one line names them
+    first, *others = experiments_from_dict(raw)["figureB"].groups["size_s_align_on"]
+    assert first == "size_s_align_on" and len(others) == raw["seeds"] - 1
     assert _problems(raw) == (
         "config.experiments.figureB.runs.size_s_align_on -> config.model.repa.layer = 7: the base "
-        "LLM (model.base_lm.path: tiny_s) has 6 layers; each index must be in [1, 6]")
+        "LLM (model.base_lm.path: tiny_s) has 6 layers; each index must be in [1, 6]"
+        f" (the same in runs {', '.join(others)})")
 
 
 def test_offline_a_hub_id_must_be_in_the_local_cache(tmp_path, monkeypatch):
@@ -213,9 +218,11 @@ def test_layers_are_checked_against_a_cached_hub_models_config(tmp_path, monkeyp
                            "model.base_lm.path": "org/llama-6"})
     assert check_config(raw, SCHEMA)
     _run_set("figureD", "probe_deep", {"evaluation.probe_layers": [1, 7]})(raw)
+    _, *replicates = experiments_from_dict(raw)["figureD"].groups["probe_deep"]
     assert _problems(raw) == (
         "config.experiments.figureD.runs.probe_deep -> config.evaluation.probe_layers = [1, 7]: "
-        "the base LLM (model.base_lm.path: tiny_base) has 6 layers; each index must be in [1, 6]")
+        "the base LLM (model.base_lm.path: tiny_base) has 6 layers; each index must be in [1, 6]"
+        f" (the same in runs {', '.join(replicates)})")
 
 
 def test_a_local_vae_needs_its_subfolder(tmp_path):
