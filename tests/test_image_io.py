@@ -8,9 +8,9 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from xfusion.model.image_io import ImageIO, TimestepEmbedder, patchify, unpatchify
 
 
-def make_io(C: int = 4, D: int = 16) -> ImageIO:
+def make_io(C: int = 4, D: int = 16, pos_embed: str = "none") -> ImageIO:
     torch.manual_seed(0)
-    return ImageIO(D, C, 2, torch.randn(2, D), LlamaRMSNorm(D))
+    return ImageIO(D, C, 2, torch.randn(2, D), LlamaRMSNorm(D), pos_embed)
 
 
 def test_unpatchify_inverts_patchify_and_patches_are_2x2_blocks():
@@ -34,6 +34,22 @@ def test_image_tokens_depend_on_t_through_the_timestep_embedding():
     assert not torch.allclose(a, b)
     shift = (a - b)[:, :1].expand_as(a - b)
     assert torch.allclose(a - b, shift, atol=1e-5)  # one shift for every patch
+
+
+def test_sincos_2d_tells_every_grid_cell_apart_and_none_tells_none():
+    """Equal latent patches in every cell of a 3x4 grid: without a position embedding the
+    tokens are equal (position is left to RoPE), with sincos_2d each cell's token is its own,
+    and the embedding is fixed (no parameter, nothing saved)."""
+    x = torch.ones(1, 4, 6, 8)  # 2x2 patches -> a 3x4 grid of identical patches
+    t = torch.tensor([0.5])
+    plain, placed = make_io().encode(x, t)[0], make_io(pos_embed="sincos_2d").encode(x, t)[0]
+    assert plain.shape == placed.shape == (12, 16)
+    assert torch.allclose(plain, plain[:1].expand_as(plain))
+    assert len({tuple(row.tolist()) for row in placed.round(decimals=5)}) == 12
+    # same row, neighbouring columns differ less than cells far apart: a smooth 2D code
+    near, far = (placed[0] - placed[1]).norm(), (placed[0] - placed[11]).norm()
+    assert near < far
+    assert make_io(pos_embed="sincos_2d").state_dict().keys() == make_io().state_dict().keys()
 
 
 def test_timestep_sinusoid_is_cos_then_sin_of_geometric_frequencies():

@@ -185,6 +185,11 @@ class ModelConfig:
     # What the image output layer predicts: "velocity" (SD3, the paper) or "sample" (clean x0,
     # JiT; the velocity follows from it) for tokens wider than the model (tiny pixel codec).
     prediction: str = "velocity"
+    # Where each image token sits: "none" (the paper: linear patchify only, the LLM's 1D RoPE
+    # over the flattened grid) or "sincos_2d" (DiT's fixed 2D sin-cos embedding added to the
+    # patch tokens). Tiny scale: with none, the frozen-text variants learn what to draw but
+    # place it at chance (README, "What the tiny study shows").
+    image_pos_embed: str = "none"
     base_lm: BaseLMConfig = field(default_factory=BaseLMConfig)
     codec: ImageCodecConfig = field(default_factory=ImageCodecConfig)
     repa: RepaConfig = field(default_factory=RepaConfig)
@@ -418,6 +423,7 @@ def _check(cond: bool, key: str, value: Any, why: str) -> None:
 
 
 PREDICTIONS = ("velocity", "sample")  # what the image output layer predicts (ModelConfig)
+IMAGE_POS_EMBEDS = ("none", "sincos_2d")  # ModelConfig.image_pos_embed
 
 
 def validate(run: RunConfig) -> RunConfig:
@@ -434,6 +440,8 @@ def validate(run: RunConfig) -> RunConfig:
     _check(m.patch_size >= 1, "model.patch_size", m.patch_size, "must be >= 1")
     _check(m.prediction in PREDICTIONS, "model.prediction", m.prediction,
            f"must be one of {', '.join(PREDICTIONS)}")
+    _check(m.image_pos_embed in IMAGE_POS_EMBEDS, "model.image_pos_embed", m.image_pos_embed,
+           f"must be one of {', '.join(IMAGE_POS_EMBEDS)}")
     _check(m.repa.layer >= 1, "model.repa.layer", m.repa.layer, "must be >= 1")
     _check(m.repa.projector in REPA_PROJECTORS, "model.repa.projector", m.repa.projector,
            f"must be one of {', '.join(REPA_PROJECTORS)}")

@@ -1,8 +1,13 @@
 """Image tokens in and velocities out: 2x2 linear patchify + timestep embedding on the way in,
 the vision side's final RMSNorm + linear unpatchify on the way out.
 
+`pos_embed: sincos_2d` adds DiT's fixed 2D sin-cos embedding of each token's grid cell
+(diffusers' `get_2d_sincos_pos_embed`) to the patch tokens; `none` leaves position to the LLM's
+1D RoPE over the flattened grid, as the paper does (`model.image_pos_embed`).
+
 References: X-Fusion Sec. 4 ("a trainable linear patchify layer with a patch size of 2x2");
-DiT (Peebles & Xie 2023) models.py: TimestepEmbedder, FinalLayer, initialize_weights.
+DiT (Peebles & Xie 2023) models.py: TimestepEmbedder, FinalLayer, initialize_weights,
+get_2d_sincos_pos_embed.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -63,9 +69,10 @@ class ImageIO(nn.Module):
     """
 
     def __init__(self, hidden_size: int, latent_channels: int, patch_size: int,
-                 boi_eoi_init: torch.Tensor, text_final_norm: LlamaRMSNorm):
+                 boi_eoi_init: torch.Tensor, text_final_norm: LlamaRMSNorm,
+                 pos_embed: str = "none"):
         super().__init__()
-        self.p, self.C = patch_size, latent_channels
+        self.p, self.C, self.pos_embed = patch_size, latent_channels, pos_embed
         patch_dim = latent_channels * patch_size * patch_size
         self.patch_embed = nn.Linear(patch_dim, hidden_size)
         self.t_embed = TimestepEmbedder(hidden_size)
@@ -94,6 +101,11 @@ class ImageIO(nn.Module):
         """(B, C, h, w) noisy latents and (B,) t in [0, 1] -> (B, P, D) image tokens."""
         dtype = self.patch_embed.weight.dtype  # latents arrive in float32, the model may be bf16
         tokens = self.patch_embed(patchify(latents.to(dtype), self.p))  # (B, P, D)
+        if self.pos_embed == "sincos_2d":  # fixed, so computed here and never saved
+            grid = (latents.shape[-2] // self.p, latents.shape[-1] // self.p)
+            pos = get_2d_sincos_pos_embed(tokens.shape[-1], grid, base_size=grid[0],
+                                          output_type="pt")  # (P, D), row-major like patchify
+            tokens = tokens + pos.to(tokens)[None]
         return tokens + self.t_embed(to_timestep(t))[:, None, :]
 
     def decode(self, hidden: torch.Tensor, h: int, w: int) -> torch.Tensor:

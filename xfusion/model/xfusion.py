@@ -74,7 +74,8 @@ class XFusionModel(nn.Module):
                                     for i, layer in enumerate(llm.model.layers))
         boi_eoi = llm.get_input_embeddings().weight[[ids.boi, ids.eoi]]  # (2, D)
         self.image_io = ImageIO(llm.config.hidden_size, cfg.model.codec.latent_channels,
-                                cfg.model.patch_size, boi_eoi, llm.model.norm)
+                                cfg.model.patch_size, boi_eoi, llm.model.norm,
+                                cfg.model.image_pos_embed)
         self.repa = (RepaHead(cfg.model.repa, llm.config.hidden_size, len(self.blocks))
                      if cfg.model.repa.enabled else None)
 
