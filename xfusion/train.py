@@ -42,7 +42,7 @@ from xfusion import checkpoint
 from xfusion.config import ALIGN_ENCODER, RECIPE_FILE, VARIANTS, RunConfig, load_run, load_yaml
 from xfusion.config import recipe_record, train_recipe
 from xfusion.data.mixing import MixedStream, read_captions
-from xfusion.engine import Engine, rank, setup_distributed, world_size
+from xfusion.engine import Engine, rank, setup_distributed, shutdown_distributed, world_size
 from xfusion.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from xfusion.latents import load_latents
 from xfusion.model import XFusionModel
@@ -385,6 +385,7 @@ def train(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     train(parse_args(argv))
+    shutdown_distributed()  # the command line's process ends here; in-process callers keep it
 
 
 if __name__ == "__main__":
