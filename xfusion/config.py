@@ -187,8 +187,8 @@ class ModelConfig:
     prediction: str = "velocity"
     # Where each image token sits: "none" (the paper: linear patchify only, the LLM's 1D RoPE
     # over the flattened grid) or "sincos_2d" (DiT's fixed 2D sin-cos embedding added to the
-    # patch tokens). Tiny scale: with none, the frozen-text variants learn what to draw but
-    # place it at chance (README, "What the tiny study shows").
+    # patch tokens; tiny scale). Whether it helps the tiny frozen-text variants place what they
+    # draw is not established (README, "What the tiny study shows").
     image_pos_embed: str = "none"
     base_lm: BaseLMConfig = field(default_factory=BaseLMConfig)
     codec: ImageCodecConfig = field(default_factory=ImageCodecConfig)
