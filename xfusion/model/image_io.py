@@ -12,6 +12,7 @@ get_2d_sincos_pos_embed.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -36,6 +37,13 @@ def unpatchify(x: torch.Tensor, p: int, C: int, h: int, w: int) -> torch.Tensor:
     B = x.shape[0]
     x = x.reshape(B, h // p, w // p, C, p, p)
     return x.permute(0, 3, 1, 4, 2, 5).reshape(B, C, h, w)
+
+
+@functools.lru_cache(maxsize=8)
+def sincos_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """(grid_h * grid_w, dim) DiT 2D sin-cos embedding, row-major like `patchify`; fixed, so
+    computed once per grid shape, not at every forward pass (training and sampling steps)."""
+    return get_2d_sincos_pos_embed(dim, (grid_h, grid_w), base_size=grid_h, output_type="pt")
 
 
 class TimestepEmbedder(nn.Module):
@@ -101,10 +109,9 @@ class ImageIO(nn.Module):
         """(B, C, h, w) noisy latents and (B,) t in [0, 1] -> (B, P, D) image tokens."""
         dtype = self.patch_embed.weight.dtype  # latents arrive in float32, the model may be bf16
         tokens = self.patch_embed(patchify(latents.to(dtype), self.p))  # (B, P, D)
-        if self.pos_embed == "sincos_2d":  # fixed, so computed here and never saved
-            grid = (latents.shape[-2] // self.p, latents.shape[-1] // self.p)
-            pos = get_2d_sincos_pos_embed(tokens.shape[-1], grid, base_size=grid[0],
-                                          output_type="pt")  # (P, D), row-major like patchify
+        if self.pos_embed == "sincos_2d":  # fixed: no parameter, nothing saved
+            pos = sincos_2d(tokens.shape[-1], latents.shape[-2] // self.p,
+                            latents.shape[-1] // self.p)
             tokens = tokens + pos.to(tokens)[None]
         return tokens + self.t_embed(to_timestep(t))[:, None, :]
 
