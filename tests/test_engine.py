@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from xfusion.config import TrainingConfig
-from xfusion.engine import Engine, deepspeed_config, lr_factor
+from xfusion.engine import DS_BUCKET_ELEMENTS, Engine, bucket_elements, deepspeed_config
+from xfusion.engine import lr_factor
 
 TRAINING = TrainingConfig(steps=10, lr=1e-2, warmup_steps=4, grad_clip=1.0, zero_stage=2)
 
@@ -50,9 +51,35 @@ def test_deepspeed_config_follows_training_config():
     big = deepspeed_config(TrainingConfig(), 3, gradient_accumulation_steps=4, world=2)
     assert (big["gradient_accumulation_steps"], big["train_batch_size"]) == (4, 24)
     assert cfg["gradient_clipping"] == 0.5
-    assert cfg["zero_optimization"] == {"stage": 2}
+    assert cfg["zero_optimization"]["stage"] == 2
     assert cfg["bf16"] == {"enabled": True}
     assert "bf16" not in deepspeed_config(TrainingConfig(precision="fp32"), 1)
+
+
+def test_zero_buckets_hold_the_trainable_gradients_and_never_exceed_deepspeeds_default():
+    zero = deepspeed_config(TrainingConfig(), 3, trainable_numel=1234)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 1536  # 3 x 512
+    assert bucket_elements(10**10) == DS_BUCKET_ELEMENTS  # an 8B vision tower: the default
+    assert bucket_elements(None) == DS_BUCKET_ELEMENTS
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+def test_sized_buckets_train_bitwise_like_deepspeeds_default_buckets(monkeypatch, pinned):
+    """One bucket of all trainable gradients (ours) or of 5e8 elements (DeepSpeed's default)
+    reduces the same gradients in the same call: the same weights, bit for bit, also under the
+    pretraining's pinned numerics (deterministic algorithms fill each new bucket with NaN)."""
+    import contextlib
+
+    from xfusion.pretrain_lm import pin_numerics
+
+    with pin_numerics() if pinned else contextlib.nullcontext():
+        sized = _engine(_model())
+        _train(sized, range(4))
+        monkeypatch.setattr("xfusion.engine.bucket_elements", lambda numel: DS_BUCKET_ELEMENTS)
+        default = _engine(_model())
+        _train(default, range(4))
+    for a, b in zip(sized.module.parameters(), default.module.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_engine_trains_only_trainable_params_with_warmup_lr():

@@ -248,15 +248,36 @@ class _LRSchedule:
         return lr_factor(step, self.warmup_steps, self.total_steps, self.decay)
 
 
+# DeepSpeed's default ZeRO bucket sizes (elements), sized for billion-parameter models on GPUs.
+DS_BUCKET_ELEMENTS = 500_000_000
+
+
+def bucket_elements(trainable_numel: int | None) -> int:
+    """ZeRO's reduce/all-gather bucket: DeepSpeed's default, but never larger than the gradients
+    it holds. ZeRO-2 allocates a fresh bucket of this many elements at every backward
+    (stage_1_and_2.setup_buckets): 5e8 fp32 elements are 2 GB of new pages per step, which
+    took 2/3 of a tiny pretraining step on the CPU (py-spy, README "How long it takes"). A bucket
+    at least as large as all trainable gradients reduces them in one call, as the default does
+    for every model smaller than 5e8 trainable parameters, so the arithmetic is unchanged."""
+    if trainable_numel is None:
+        return DS_BUCKET_ELEMENTS
+    # A multiple of 512: ZeRO requires the all-gather bucket to be one of its alignment factor.
+    return int(min(DS_BUCKET_ELEMENTS, -(-max(trainable_numel, 1) // 512) * 512))
+
+
 def deepspeed_config(training: TrainingConfig, micro_batch_size: int,
-                     gradient_accumulation_steps: int = 1, world: int = 1) -> dict[str, Any]:
-    """The DeepSpeed JSON config, generated from our TrainingConfig (nothing set by hand)."""
+                     gradient_accumulation_steps: int = 1, world: int = 1,
+                     trainable_numel: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON config, generated from our TrainingConfig (nothing set by hand);
+    `trainable_numel` sizes the ZeRO buckets (`bucket_elements`)."""
+    bucket = bucket_elements(trainable_numel)
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps,
         "train_batch_size": micro_batch_size * gradient_accumulation_steps * world,
         "gradient_clipping": training.grad_clip,
-        "zero_optimization": {"stage": training.zero_stage},
+        "zero_optimization": {"stage": training.zero_stage, "reduce_bucket_size": bucket,
+                              "allgather_bucket_size": bucket},
         # A plain torch AdamW: DeepSpeed's fused/CPU Adam kernels are not needed at our sizes and
         # would need compiling; ZeRO shards the plain optimizer's state just the same.
         "zero_allow_untested_optimizer": True,
@@ -333,7 +354,9 @@ class Engine:
         self._ds, self._optimizer, _, self._scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(training, micro_batch_size, gradient_accumulation_steps,
-                                    world_size()))
+                                    world_size(), trainable_numel=sum(
+                                        p.numel() for g in param_groups for p in g["params"]
+                                        if p.requires_grad)))
         self._ds.checkpoint_engine = _weights_only_checkpoint_engine()
         self.module = self._ds.module
         self.device = self._ds.device
