@@ -78,3 +78,28 @@ def test_truncation_at_zero_is_exactly_clean_and_at_one_is_the_whole_distributio
     assert stats.ks_2samp(full.numpy(), untruncated.numpy()).pvalue > 1e-3
     p = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])
     assert torch.allclose(full.quantile(p), untruncated.quantile(p), atol=0.01)
+
+
+@pytest.mark.parametrize("m,s,t_max", [(0.8, 0.8, None), (-0.5, 1.5, None), (0.8, 0.8, 0.5)])
+def test_logit_normal_location_and_scale_give_the_shifted_quantiles(m, s, t_max):
+    """training.timestep_logit_mean/std: logit t ~ N(m, s^2) (SD3 Sec. 3.1), truncated to
+    [0, t_max] for I2T; quantiles and a KS test against scipy's (truncated) normal."""
+    from scipy import stats
+
+    t = sample_t(40000, "logit_normal", torch.Generator().manual_seed(2), t_max=t_max, m=m, s=s)
+    hi = float("inf") if t_max is None else (float(torch.logit(torch.tensor(t_max))) - m) / s
+    z = stats.truncnorm(-float("inf"), hi, loc=m, scale=s)
+    logit = torch.logit(t.double()).numpy()
+    p = [0.05, 0.25, 0.5, 0.75, 0.95]
+    assert torch.allclose(torch.tensor(logit).quantile(torch.tensor(p, dtype=torch.float64)),
+                          torch.tensor(z.ppf(p)), atol=0.03 * s)
+    assert stats.kstest(logit, z.cdf).pvalue > 1e-3
+
+
+def test_a_positive_logit_mean_draws_more_high_noise_times_and_the_default_is_unchanged():
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    default, explicit = sample_t(5000, "logit_normal", g()), sample_t(5000, "logit_normal", g(),
+                                                                      m=0.0, s=1.0)
+    assert torch.equal(default, explicit)  # SD3's m = 0, s = 1: the draws of the old recipe
+    shifted = sample_t(5000, "logit_normal", g(), m=0.8, s=0.8)
+    assert (shifted > 0.8).float().mean() > 2 * (default > 0.8).float().mean()

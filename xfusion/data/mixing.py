@@ -142,8 +142,9 @@ class MixedStream:
         # Every draw has a fixed size whatever the outcomes, so batch `step` never depends on
         # another step's randomness.
         is_t2i = torch.rand(B, generator=g) < t.t2i_ratio
-        t_t2i = sample_t(B, t.timestep_sampling, g)
-        t_i2t = sample_t(B, t.timestep_sampling, g, t_max=t.i2t_noise_max)
+        m, s = t.timestep_logit_mean, t.timestep_logit_std
+        t_t2i = sample_t(B, t.timestep_sampling, g, m=m, s=s)
+        t_i2t = sample_t(B, t.timestep_sampling, g, t_max=t.i2t_noise_max, m=m, s=s)
         drop = (torch.rand(B, generator=g) < t.caption_dropout) & is_t2i
         index = self._indices(step * B, B)
         lengths = torch.tensor([len(self.caption_ids[i]) for i in index.tolist()])
