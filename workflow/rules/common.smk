@@ -58,6 +58,8 @@ PY = os.environ.get("XFUSION_PYTHON", sys.executable)
 CONDA_ENV = "../../environment.yml"  # conda users (--sdm conda); relative to workflow/rules/
 # The published numbers beside ours; found from the workflow, whatever the working directory.
 REFERENCE = str(Path(workflow.basedir) / "reference" / "paper_results.yaml")
+
+
 def coco_eval():
     """The evaluation set is COCO (data.eval.coco_annotations set; xfusion.data.coco), not the
     held-out split: its images, human captions and our captions form a third split, `coco`."""

@@ -3,7 +3,7 @@
 
 
 rule sample_t2i:
-    """Generate images for the held-out captions with the step's model (resumable)."""
+    """Generate images for the evaluation prompts with the step's model (resumable)."""
     input:
         done=lambda wc: done(wc.run),
         prompts=EVAL_PROMPTS,
@@ -26,7 +26,7 @@ rule sample_t2i:
 
 
 rule sample_i2t:
-    """Caption the held-out images with the step's model."""
+    """Caption the evaluation images with the step's model."""
     input:
         done=lambda wc: done(wc.run),
         latents=EVAL_LATENTS,
