@@ -117,8 +117,8 @@ def world_source():
 
 
 def coco_train_images():
-    """The training images the COCO split is checked against for overlap (rule coco): the
-    folder source's data.image_dir, or the world's generated train images."""
+    """The training images the COCO split is checked against for overlap, by the coco job:
+    the folder source's data.image_dir, or the world's generated train images."""
     return f"{R}/world/train/images" if world_source() else config["data"]["image_dir"]
 
 
