@@ -1,9 +1,10 @@
 """Caption metrics for a long detailed caption vs a short poor one (X-Fusion Supp. C.2, Fig. E).
 
-For each held-out image, two candidate captions are scored: the long detailed caption of
-R/captions (the paper's InternVL caption, "Sample 1") and the scene's `short_caption` (the
+For each evaluation image, two candidate captions are scored: the long detailed caption of
+R/captions (the paper's InternVL caption, "Sample 1") and the record's `short_caption` (the
 paper's "This image is a photo of kitchen.", "Sample 2"), with three metrics:
-- BERTScore F1 against a reference caption: greedy matching of contextual token embeddings by
+- BERTScore F1 against the reference captions, the best over them (bert_score's rule for several
+  references): greedy matching of contextual token embeddings by
   cosine similarity, F1 of precision (candidate tokens) and recall (reference tokens), no idf
   weighting and no baseline rescaling (bert_score's defaults). Paper scale: `roberta-large`
   layer 17, bert_score's English default. Tiny scale: the CLIP judge's text encoder (its hidden
@@ -11,8 +12,10 @@ paper's "This image is a photo of kitchen.", "Sample 2"), with three metrics:
   token's context is its left context only; a stand-in, not a BERT.
 - CLIP score (eval.clip_score) of the image and the candidate.
 - BLIP-2 ITM score (eval.itm) of the image and the candidate.
-The reference plays COCO's human caption: a short but complete caption listing every object
-("a large blue cross and a small red circle."), composed from the scene record.
+Tiny scale (the held-out split): the reference plays COCO's human caption, a short but complete
+caption listing every object ("a large blue cross and a small red circle."), composed from the
+scene record. Paper scale (the COCO split, xfusion.data.coco): the short caption is the image's
+sampled human COCO caption and the references are its other human captions (`references`).
 
 The paper's point: BERTScore and CLIP score rate both captions alike; BLIP separates them.
 `value` = BLIP(long) - BLIP(short); `details.rows` = {caption kind: {bertscore, clip, blip}}.
@@ -20,8 +23,9 @@ The paper's point: BERTScore and CLIP score rate both captions alike; BLIP separ
 References: Zhang et al., "BERTScore: Evaluating Text Generation with BERT", ICLR 2020;
 Hessel et al. 2021 (CLIPScore); Li et al. 2023 (BLIP-2).
 
-    python -m eval.caption_metrics --config C --scenes R/world/heldout/scenes.jsonl \
-        --captions R/captions/heldout.jsonl --judges R/judges --out R/metrics/figureE/captions.json
+    python -m eval.caption_metrics --config C --scenes R/world/<heldout|coco>/scenes.jsonl \
+        --captions R/captions/<heldout|coco>.jsonl [--judges R/judges] \
+        --out R/metrics/caption_metrics.json
 """
 
 from __future__ import annotations
@@ -45,15 +49,21 @@ ROWS = {"long_detailed_caption": "caption", "short_poor_caption": "short_caption
 TokenEmbedder = Callable[[Sequence[str]], list[torch.Tensor]]
 
 
-def bertscore_f1(candidates: Sequence[str], references: Sequence[str],
+def bertscore_f1(candidates: Sequence[str], references: Sequence[str | Sequence[str]],
                  embed: TokenEmbedder) -> torch.Tensor:
-    """Per-pair BERTScore F1 (Zhang et al. 2020, Eq. 1-3 without idf): (N,)."""
-    cand, ref = embed(candidates), embed(references)
-    out = []
-    for c, r in zip(cand, ref):
-        sim = F.normalize(c, dim=-1) @ F.normalize(r, dim=-1).T  # (n_cand, n_ref)
-        precision, recall = sim.max(1).values.mean(), sim.max(0).values.mean()
-        out.append(2 * precision * recall / (precision + recall))
+    """Per-candidate BERTScore F1 (Zhang et al. 2020, Eq. 1-3 without idf): (N,). A candidate's
+    reference may be a list of references: its F1 is then the best over them."""
+    refs = [[r] if isinstance(r, str) else list(r) for r in references]
+    cand, flat = embed(candidates), embed([r for rs in refs for r in rs])
+    out, k = [], 0
+    for c, rs in zip(cand, refs):
+        f1 = []
+        for r in flat[k:k + len(rs)]:
+            sim = F.normalize(c, dim=-1) @ F.normalize(r, dim=-1).T  # (n_cand, n_ref)
+            precision, recall = sim.max(1).values.mean(), sim.max(0).values.mean()
+            f1.append(2 * precision * recall / (precision + recall))
+        out.append(torch.stack(f1).max())
+        k += len(rs)
     return torch.stack(out)
 
 
@@ -95,24 +105,25 @@ def reference_caption(scene: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = metric_parser(__doc__.split("\n")[0])
-    p.add_argument("--scenes", required=True, help="R/world/heldout/scenes.jsonl")
-    p.add_argument("--captions", required=True, help="R/captions/heldout.jsonl")
+    p.add_argument("--scenes", required=True, help="R/world/<heldout|coco>/scenes.jsonl")
+    p.add_argument("--captions", required=True, help="R/captions/<heldout|coco>.jsonl")
     args = p.parse_args(argv)
     cfg = load_config(args)
     e = cfg.evaluation
     caps = {r["id"]: r["caption"] for r in read_jsonl(args.captions)}
     rows = [r | {"caption": caps[r["id"]]} for r in read_jsonl(args.scenes)
             if r["id"] in caps][: e.n_samples]
-    if not rows or any(r.get("scene") is None or not r.get("short_caption") for r in rows):
-        raise SystemExit(f"{args.scenes}: Fig. E needs records with a `scene` (for the "
-                         "reference) and a `short_caption`, matched by id in "
+    if not rows or any(not r.get("short_caption") or not (r.get("references") or r.get("scene"))
+                       for r in rows):
+        raise SystemExit(f"{args.scenes}: Fig. E needs records with a `short_caption` and "
+                         "`references` (COCO) or a `scene` (tiny world), matched by id in "
                          f"{args.captions}")
     images = load_images([resolve_image(r["image"], args.scenes) for r in rows])
-    references = [reference_caption(r["scene"]) for r in rows]
+    references = [r.get("references") or [reference_caption(r["scene"])] for r in rows]
     embed = load_embedder(e.bertscore_model, args.judges, e.bertscore_layer)
     clip, clip_proc = load_clip(resolve_evaluator(e.clip_model, args.judges))
     itm, itm_proc = load_itm(resolve_evaluator(e.itm_model, args.judges))
-    table, example = {}, {"id": rows[0]["id"], "reference": references[0]}
+    table, example = {}, {"id": rows[0]["id"], "references": references[0]}
     for kind, key in ROWS.items():
         texts = [r[key] for r in rows]
         scores = {"bertscore": bertscore_f1(texts, references, embed),

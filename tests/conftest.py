@@ -125,16 +125,23 @@ def hub_model_config() -> Callable[[Path, str, int], None]:
 @pytest.fixture(scope="session")
 def _paper_machine(tmp_path_factory, hub_model_config) -> tuple[dict[str, Any], dict[str, str]]:
     """config/paper.yaml as a machine with its data and models sees it, for paper-scale dry runs
-    (xfusion.config_check resolves every reference while Snakemake parses): `data.image_dir` and
-    `evaluation.mmlu_path` as empty temp dirs, and a Hugging Face cache (HF_HUB_CACHE in the
-    returned env) holding only each base LLM's config.json, so the layer checks read real
-    depths. Returns (the raw config, the env for a snakemake subprocess)."""
+    (xfusion.config_check resolves every reference while Snakemake parses): `data.image_dir`,
+    `evaluation.mmlu_path` and `data.eval.coco_images` as empty temp dirs,
+    `data.eval.coco_annotations` as a one-caption COCO captions file, and a Hugging Face cache
+    (HF_HUB_CACHE in the returned env) holding only each base LLM's config.json, so the layer
+    checks read real depths. Returns (the raw config, the env for a snakemake subprocess)."""
     from xfusion.config import all_runs
 
     root = tmp_path_factory.mktemp("paper_machine")
-    overrides = {"data.image_dir": str(root / "coco"), "evaluation.mmlu_path": str(root / "mmlu")}
+    overrides = {"data.image_dir": str(root / "coco"), "evaluation.mmlu_path": str(root / "mmlu"),
+                 "data.eval.coco_images": str(root / "val2014")}
     for path in overrides.values():
         Path(path).mkdir()
+    # the COCO evaluation set: a captions_val2014.json-layout file (one image, one caption)
+    annotations = root / "captions_val2014.json"
+    annotations.write_text('{"images": [{"id": 1, "file_name": "COCO_val2014_000000000001.jpg"}],'
+                           ' "annotations": [{"image_id": 1, "id": 1, "caption": "a cat."}]}')
+    overrides["data.eval.coco_annotations"] = str(annotations)
     raw = apply_overrides(load_yaml(REPO / "config" / "paper.yaml"), overrides)
     bases = {raw["model"]["base_lm"]["path"]} | {
         o["model.base_lm.path"] for o in all_runs(raw).values() if "model.base_lm.path" in o}

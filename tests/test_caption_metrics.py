@@ -29,6 +29,12 @@ def test_bertscore_is_greedy_matching_f1():
     assert cm.bertscore_f1(["abcd"], ["ab"], bag_of_letters).item() == pytest.approx(2 / 3)
 
 
+def test_bertscore_with_several_references_is_the_best_over_them():
+    # COCO: five human captions per image; bert_score takes the best-matching reference
+    f1 = cm.bertscore_f1(["ab", "ab"], [["abcd", "ab"], ["abxyz", "abcd"]], bag_of_letters)
+    assert f1.tolist() == pytest.approx([1.0, 2 / 3])
+
+
 def test_reference_lists_every_object_and_nothing_else():
     scene = {"objects": [{"shape": "cross", "colour": "blue", "size": "large", "position": "left"},
                          {"shape": "circle", "colour": "orange", "size": "small",

@@ -162,6 +162,32 @@ def test_paper_dry_run_via_slurm_profile_lists_gpu_training_for_four_architectur
     assert "results/paper/" in out and "results/tiny/" not in out
 
 
+def test_paper_dry_run_samples_and_measures_fid_on_the_coco_split(paper_config, tmp_path):
+    raw, env = paper_config  # data.eval.coco_* point at a stand-in COCO captions file and folder
+    config = tmp_path / "paper.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    rc, out = snakemake("--profile", "slurm", "--configfile", config, "-n", "results/table1.csv",
+                        "results/figureE.csv", "-F", env=env)
+    assert rc == 0, out[-3000:]
+    [coco] = jobs(out, "coco")
+    assert "xfusion.data.coco" in coco and f"--train {raw['data']['image_dir']}" in coco
+    assert "results/paper/world/coco/prompts.jsonl" in coco
+    # T2I prompts: the COCO split's human captions; I2T: its images; FID: its images
+    for block in jobs(out, "sample_t2i"):
+        assert "--prompts results/paper/world/coco/prompts.jsonl" in block
+    for block in jobs(out, "sample_i2t"):
+        assert "--latents results/paper/latents/coco.safetensors" in block
+    for block in jobs(out, "fid"):
+        assert "--reference results/paper/world/coco/images" in block
+    assert jobs(out, "fid") and jobs(out, "sample_i2t")
+    # our captioner's long captions of the COCO images (Fig. E, and the I2T latents' records)
+    assert any("results/paper/world/coco/scenes.jsonl" in b for b in jobs(out, "caption"))
+    [figure_e] = jobs(out, "caption_metrics")
+    assert "--scenes results/paper/world/coco/scenes.jsonl" in figure_e
+    assert "--captions results/paper/captions/coco.jsonl" in figure_e
+    assert "heldout" not in "".join(jobs(out, "sample_t2i") + jobs(out, "fid") + [figure_e])
+
+
 # ---- the DAG executed with stand-in entry points ------------------------------------------------
 
 STAND_IN = r'''

@@ -213,6 +213,16 @@ class CaptionerConfig:
 
 
 @dataclass(frozen=True)
+class EvalDataConfig:
+    """The evaluation set, when it is not the held-out slice of the training data: MS-COCO
+    captions (X-Fusion Sec. 4), read by xfusion.data.coco into the `coco` split (R/world/coco).
+    Both null (tiny scale): FID/CLIP prompts and BLIP images are the held-out split."""
+
+    coco_annotations: str | None = None  # a captions_val2014.json-layout file (images, annotations)
+    coco_images: str | None = None  # the folder its images' `file_name`s are relative to
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """`source: world` generates the tiny world; `source: folder` reads images + captions."""
 
@@ -241,6 +251,7 @@ class DataConfig:
     captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
     tokenizer_vocab_size: int = 2048
     tokenizer_path: str | None = None  # paper scale: the base LLM's tokenizer
+    eval: EvalDataConfig = field(default_factory=EvalDataConfig)  # COCO evaluation set, or none
 
 
 @dataclass(frozen=True)
@@ -469,6 +480,9 @@ def validate(run: RunConfig) -> RunConfig:
     _check(d.image_size > 0 and d.image_size % (m.codec.downsample * m.patch_size) == 0,
            "data.image_size", d.image_size,
            "must be a positive multiple of model.codec.downsample * model.patch_size")
+    _check(bool(d.eval.coco_annotations) == bool(d.eval.coco_images), "data.eval",
+           dataclasses.asdict(d.eval),
+           "set both coco_annotations and coco_images (the COCO evaluation set), or neither")
     for key in ("n_train", "n_heldout"):
         _check(getattr(d, key) > 0, f"data.{key}", getattr(d, key), "must be > 0")
     _check(d.n_align >= 0, "data.n_align", d.n_align, "must be >= 0")
@@ -768,20 +782,28 @@ _PRETRAIN_ENGINE = ("training.seed", "training.betas", "training.eps", "training
 # Both samplers draw the first n_samples held-out items in batches, seeded by the run's `seed`.
 _SAMPLING = ("seed", "evaluation.n_samples", "evaluation.sample_batch_size")
 _MMLU = ("evaluation.mmlu_path", "evaluation.mmlu_shots")
+# The COCO evaluation set is read by the coco job alone; the jobs that read `data` as a whole see
+# it only through the coco split's files (their inputs), so a new annotations path reruns the
+# evaluation, never the training data.
+_EVAL_SET = ("data.eval",)
 
 # Job name (the Snakemake rule) -> what it reads (from its entry point's code).
 READS = {
-    "world": Reads(("data", "seed")),
-    "folder": Reads(("data", "seed")),
-    "caption": Reads(("data",)),
-    "tokenizer": Reads(("data",)),
-    "latents": Reads(("data", "model.codec")),
-    "base_lm": Reads(("model.base_lm", "data", *_PRETRAIN_ENGINE)),
-    "judges": Reads(("seed", "data", "evaluation.judge_*")),
-    "attribute_classifier": Reads(("seed", "data", "evaluation.attr_*")),
-    "align_encoder": Reads(("seed", "data", "model.repa.feature_dim", "model.repa.align")),
+    "world": Reads(("data", "seed"), skip=_EVAL_SET),
+    "folder": Reads(("data", "seed"), skip=_EVAL_SET),
+    # the seeded COCO sample (xfusion.data.coco), checked against the training images
+    "coco": Reads(("seed", "data.eval", "data.source", "data.image_dir", "data.image_size",
+                   "data.bad_input_policy", "evaluation.n_samples")),
+    "caption": Reads(("data",), skip=_EVAL_SET),
+    "tokenizer": Reads(("data",), skip=_EVAL_SET),
+    "latents": Reads(("data", "model.codec"), skip=_EVAL_SET),
+    "base_lm": Reads(("model.base_lm", "data", *_PRETRAIN_ENGINE), skip=_EVAL_SET),
+    "judges": Reads(("seed", "data", "evaluation.judge_*"), skip=_EVAL_SET),
+    "attribute_classifier": Reads(("seed", "data", "evaluation.attr_*"), skip=_EVAL_SET),
+    "align_encoder": Reads(("seed", "data", "model.repa.feature_dim", "model.repa.align"),
+                           skip=_EVAL_SET),
     # model.repa.align is the align encoder's recipe: read only through it (REPA runs on it).
-    "train_run": Reads(("model", "data", "training"), skip=("model.repa.align",),
+    "train_run": Reads(("model", "data", "training"), skip=("model.repa.align", *_EVAL_SET),
                        evaluators=lambda c: (c.model.repa.encoder,) if c.model.repa.enabled
                        else ()),
     "sample_t2i": Reads((*_SAMPLING, "evaluation.sample_steps", "evaluation.cfg_scale",
@@ -801,7 +823,7 @@ READS = {
     "linear_probe": Reads(("seed", "data.max_caption_tokens", "evaluation.sample_batch_size",
                            "evaluation.probe_*")),
     "caption_metrics": Reads(("data", "evaluation.n_samples", "evaluation.bertscore_*",
-                              "evaluation.clip_model", "evaluation.itm_model"),
+                              "evaluation.clip_model", "evaluation.itm_model"), skip=_EVAL_SET,
                              evaluators=lambda c: (c.evaluation.clip_model, c.evaluation.itm_model,
                                                    c.evaluation.bertscore_model)),
 }

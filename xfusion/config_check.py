@@ -129,6 +129,9 @@ def run_references(cfg: RunConfig, probe: bool) -> list[str]:
                        f"in model.codec.path ({m.codec.path}); fix it or set it to null")
     if d.source == "folder":
         out += local_reference("data.image_dir", d.image_dir, "directory")
+    if d.eval.coco_annotations:  # the COCO evaluation set (xfusion.data.coco)
+        out += local_reference("data.eval.coco_annotations", d.eval.coco_annotations, "file")
+        out += local_reference("data.eval.coco_images", d.eval.coco_images, "directory")
     if d.captioner.backend == "hf":
         out += model_reference("data.captioner.model", d.captioner.model)
     if d.tokenizer_path:

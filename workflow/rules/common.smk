@@ -58,7 +58,23 @@ PY = os.environ.get("XFUSION_PYTHON", sys.executable)
 CONDA_ENV = "../../environment.yml"  # conda users (--sdm conda); relative to workflow/rules/
 # The published numbers beside ours; found from the workflow, whatever the working directory.
 REFERENCE = str(Path(workflow.basedir) / "reference" / "paper_results.yaml")
-SPLITS = ("train", "heldout")
+
+
+def coco_eval():
+    """The evaluation set is COCO (data.eval.coco_annotations set; xfusion.data.coco), not the
+    held-out split: its images, human captions and our captions form a third split, `coco`."""
+    return bool((config["data"].get("eval") or {}).get("coco_annotations"))
+
+
+SPLITS = ("train", "heldout") + (("coco",) if coco_eval() else ())
+# What sampling and the metrics read: the held-out split, or the COCO split (T2I prompts: its
+# sampled human captions; I2T: its images; FID reference: its centre-cropped images).
+EVAL_SPLIT = "coco" if coco_eval() else "heldout"
+EVAL_SCENES = f"{R}/world/{EVAL_SPLIT}/scenes.jsonl"
+EVAL_IMAGES = f"{R}/world/{EVAL_SPLIT}/images"
+EVAL_CAPTIONS = f"{R}/captions/{EVAL_SPLIT}.jsonl"  # our captioner's captions of its images
+EVAL_LATENTS = f"{R}/latents/{EVAL_SPLIT}.safetensors"
+EVAL_PROMPTS = f"{R}/world/coco/prompts.jsonl" if coco_eval() else EVAL_CAPTIONS
 
 
 def config_path():
@@ -98,6 +114,17 @@ BASE_RUN = {base: next(r for r in RUNS if base_of(r) == base) for base in BASES}
 def world_source():
     """The tiny world's generator writes the data (and scene records): data.source == world."""
     return config["data"]["source"] == "world"
+
+
+def coco_train_images():
+    """The training images the COCO split is checked against for overlap, by the coco job:
+    the folder source's data.image_dir, or the world's generated train images."""
+    return f"{R}/world/train/images" if world_source() else config["data"]["image_dir"]
+
+
+def coco_train_input():
+    """The world's train images are a job's output, data.image_dir a given folder."""
+    return [coco_train_images()] if world_source() else []
 
 
 # The ground-truth attribute metrics' classifier (eval.geneval reads it): world scale only, as

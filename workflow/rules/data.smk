@@ -51,6 +51,37 @@ else:
             "{params.py} -m xfusion.data.folder --config {params.config} --out {params.out} > {log} 2>&1"
 
 
+if coco_eval():
+
+    rule coco:
+        """The COCO evaluation split: a seeded sample of evaluation.n_samples annotated images,
+        centre-cropped and resized, one human caption each as the T2I prompt; overlap with the
+        training images reported (xfusion.data.coco)."""
+        input:
+            coco_train_input(),
+            annotations=config["data"]["eval"]["coco_annotations"],
+            images=config["data"]["eval"]["coco_images"],
+        output:
+            scenes=f"{R}/world/coco/scenes.jsonl",
+            images=directory(f"{R}/world/coco/images"),
+            prompts=f"{R}/world/coco/prompts.jsonl",
+            overlap=f"{R}/world/coco/overlap.json",
+        params:
+            py=PY,
+            config=CONFIG,
+            train=lambda wc: coco_train_images(),
+            out=lambda wc, output: str(Path(output.scenes).parent),
+            recipe=recipe("coco"),
+        conda:
+            CONDA_ENV
+        log:
+            log("coco"),
+        benchmark:
+            bench("coco")
+        shell:
+            "{params.py} -m xfusion.data.coco --config {params.config} --train {params.train} --out {params.out} > {log} 2>&1"
+
+
 rule caption:
     """Long captions per split (the InternVL step; the scene record at tiny scale)."""
     input:

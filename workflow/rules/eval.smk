@@ -5,11 +5,11 @@
 
 
 rule fid:
-    """FID of the step's T2I samples against the held-out images (reference stats cached)."""
+    """FID of the step's T2I samples against the evaluation images (reference stats cached)."""
     input:
         lambda wc: judges_input(evaluators(wc.run, "fid_extractor")),
         samples=f"{R}/samples/{{run}}/{{step}}/t2i/index.jsonl",
-        reference=f"{R}/world/heldout/images",
+        reference=EVAL_IMAGES,
     output:
         f"{R}/metrics/{{run}}/{{step}}/fid.json",
     params:
@@ -152,8 +152,8 @@ rule caption_metrics:
     """Supp. Fig. E: BERTScore, CLIP and ITM scores of a long vs a short caption per image."""
     input:
         judges_input(evaluators(None, "clip_model", "itm_model", "bertscore_model")),
-        scenes=f"{R}/world/heldout/scenes.jsonl",
-        captions=f"{R}/captions/heldout.jsonl",
+        scenes=EVAL_SCENES,
+        captions=EVAL_CAPTIONS,
     output:
         f"{R}/metrics/caption_metrics.json",
     params:

@@ -1,11 +1,12 @@
-# Sampling at each eval step: images from held-out prompts (T2I), captions of held-out images (I2T).
+# Sampling at each eval step: images from the evaluation prompts (T2I), captions of the evaluation
+# images (I2T): the held-out split, or the COCO split (common.smk, EVAL_*).
 
 
 rule sample_t2i:
-    """Generate images for the held-out captions with the step's model (resumable)."""
+    """Generate images for the evaluation prompts with the step's model (resumable)."""
     input:
         done=lambda wc: done(wc.run),
-        prompts=f"{R}/captions/heldout.jsonl",
+        prompts=EVAL_PROMPTS,
     output:
         f"{R}/samples/{{run}}/{{step}}/t2i/index.jsonl",
     params:
@@ -25,11 +26,11 @@ rule sample_t2i:
 
 
 rule sample_i2t:
-    """Caption the held-out images with the step's model."""
+    """Caption the evaluation images with the step's model."""
     input:
         done=lambda wc: done(wc.run),
-        latents=f"{R}/latents/heldout.safetensors",
-        captions=f"{R}/captions/heldout.jsonl",
+        latents=EVAL_LATENTS,
+        captions=EVAL_CAPTIONS,
     output:
         f"{R}/samples/{{run}}/{{step}}/i2t.jsonl",
     params:
