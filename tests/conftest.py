@@ -122,19 +122,39 @@ def hub_model_config() -> Callable[[Path, str, int], None]:
     return write
 
 
+def stand_in_image_folders(root: Path, classes: tuple[str, ...] = ("n01440764", "n01443537"),
+                           per_class: int = 1) -> None:
+    """ImageNet's layout under `root`: `train/` and `val/`, one folder per synset class, each
+    with `per_class` small JPEGs (the first two ImageNet synsets' names; random pixels)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in classes:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for k in range(per_class):
+                pixels = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{name}_{k}.JPEG")
+
+
 @pytest.fixture(scope="session")
 def _paper_machine(tmp_path_factory, hub_model_config) -> tuple[dict[str, Any], dict[str, str]]:
     """config/paper.yaml as a machine with its data and models sees it, for paper-scale dry runs
     (xfusion.config_check resolves every reference while Snakemake parses): `data.image_dir` and
-    `evaluation.mmlu_path` as empty temp dirs, and a Hugging Face cache (HF_HUB_CACHE in the
+    `evaluation.mmlu_path` as empty temp dirs, `data.probe.{train,val}_dir` as ImageNet-style
+    ImageFolders (stand_in_image_folders), and a Hugging Face cache (HF_HUB_CACHE in the
     returned env) holding only each base LLM's config.json, so the layer checks read real
     depths. Returns (the raw config, the env for a snakemake subprocess)."""
     from xfusion.config import all_runs
 
     root = tmp_path_factory.mktemp("paper_machine")
-    overrides = {"data.image_dir": str(root / "coco"), "evaluation.mmlu_path": str(root / "mmlu")}
+    overrides = {"data.image_dir": str(root / "coco"), "evaluation.mmlu_path": str(root / "mmlu"),
+                 "data.probe.train_dir": str(root / "imagenet" / "train"),
+                 "data.probe.val_dir": str(root / "imagenet" / "val")}
     for path in overrides.values():
-        Path(path).mkdir()
+        Path(path).mkdir(parents=True)
+    stand_in_image_folders(root / "imagenet")
     raw = apply_overrides(load_yaml(REPO / "config" / "paper.yaml"), overrides)
     bases = {raw["model"]["base_lm"]["path"]} | {
         o["model.base_lm.path"] for o in all_runs(raw).values() if "model.base_lm.path" in o}

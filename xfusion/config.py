@@ -212,6 +212,21 @@ class CaptionerConfig:
 
 
 @dataclass(frozen=True)
+class ProbeDataConfig:
+    """The linear probe's labelled images (X-Fusion Supp. C.3: ImageNet), each split a folder in
+    torchvision's ImageFolder layout: one subfolder per class, the class its name
+    (xfusion.data.image_folder). Read by the probe_data rule only, never by the data stage."""
+
+    # null: the tiny world's own probe set, written by rule probe_world from the world's
+    # train / heldout images into R/world/probe/{train,val}/<shape>/ (data.source: world only).
+    train_dir: str | None = None  # the probe head trains on these (ImageNet: train/)
+    val_dir: str | None = None  # top-1 is measured on these (ImageNet: val/)
+    # At most this many images of each class, the first in sorted order (null: all). ImageNet's
+    # 1.28M train images give 1.28M x 2048 x 4 B = 10 GB of features per probed layer and mode.
+    max_per_class: int | None = None
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """`source: world` generates the tiny world; `source: folder` reads images + captions."""
 
@@ -240,6 +255,7 @@ class DataConfig:
     captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
     tokenizer_vocab_size: int = 2048
     tokenizer_path: str | None = None  # paper scale: the base LLM's tokenizer
+    probe: ProbeDataConfig = field(default_factory=ProbeDataConfig)  # linear-probe images
 
 
 @dataclass(frozen=True)
@@ -299,7 +315,12 @@ class EvaluationConfig:
     probe_t_generation: float = 0.02  # t = 20 / 1000
     probe_lr: float = 6.4e-3
     probe_epochs: int = 30
+    # Supp. C.3: 16,384; the head and one batch of features are small (16,384 x 2048 floats =
+    # 128 MiB), so the paper's batch fits wherever the features do; capped at the train size.
     probe_batch_size: int = 256
+    # Generation mode's text prompt before the noised image (Supp. C.3 names none for ImageNet):
+    # one prompt for every image, so the text says nothing of the class the probe predicts.
+    probe_prompt: str = "An image."
     judge_steps: int = 600
     # Tiny-scale judges (eval/judges.py): a CLIP dual encoder and a BLIP-2 ITM model trained
     # offline by the pipeline; unused at paper scale, where pretrained evaluators are loaded.
@@ -461,6 +482,8 @@ def validate(run: RunConfig) -> RunConfig:
     for key in ("n_train", "n_heldout"):
         _check(getattr(d, key) > 0, f"data.{key}", getattr(d, key), "must be > 0")
     _check(d.n_align >= 0, "data.n_align", d.n_align, "must be >= 0")
+    _check(d.probe.max_per_class is None or d.probe.max_per_class > 0, "data.probe.max_per_class",
+           d.probe.max_per_class, "must be null (all) or > 0")
     _check(t.steps > 0, "training.steps", t.steps, "must be > 0")
     _check(t.tokens_per_batch > 0, "training.tokens_per_batch", t.tokens_per_batch, "must be > 0")
     _check(t.lr > 0, "training.lr", t.lr, "must be > 0")
@@ -783,6 +806,10 @@ READS = {
     "caption_attributes": Reads((), after=("sample_i2t",)),
     "mmlu_base": Reads(_MMLU),
     "mmlu": Reads(_MMLU),
+    # the probe set: its images, cropped and encoded like the training latents
+    "probe_world": Reads(()),  # the world's images and labels, copied; no key of its own
+    "probe_data": Reads(("data.probe", "data.image_size", "data.bad_input_policy",
+                         "data.encode_batch_size", "model.codec")),
     "linear_probe": Reads(("seed", "data.max_caption_tokens", "evaluation.sample_batch_size",
                            "evaluation.probe_*")),
     "caption_metrics": Reads(("data", "evaluation.n_samples", "evaluation.bertscore_*",
@@ -792,15 +819,26 @@ READS = {
 }
 
 
+# Subsections that a section name in READS does not bring in: only a job naming them (or a key
+# in them) reads them. The probe's images are no input of the data stage that reads `data`.
+DEDICATED = ("data.probe",)
+
+
 def _matches(key: str, patterns) -> bool:
     return any(fnmatchcase(key, p) or key.startswith(p + ".") for p in patterns)
+
+
+def _reads_key(key: str, patterns) -> bool:
+    """Whether READS patterns cover `key`: a DEDICATED subsection only where a pattern names it."""
+    own = [d for d in DEDICATED if _matches(key, (d,))]
+    return _matches(key, [p for p in patterns if not own or _matches(p, own)])
 
 
 def _read_keys(cfg: RunConfig, job: str, keys) -> set[str]:
     """Which of the dotted `keys` `job` reads: its own, those of the evaluation jobs upstream of
     it, and those of the trained evaluators or REPA encoder it loads."""
     reads = READS[job]
-    out = {k for k in keys if _matches(k, reads.keys) and not _matches(k, reads.skip)}
+    out = {k for k in keys if _reads_key(k, reads.keys) and not _matches(k, reads.skip)}
     for upstream in reads.after:
         out |= _read_keys(cfg, upstream, keys)
     names = reads.evaluators(cfg)
