@@ -129,7 +129,7 @@ if world_source():
             val=directory(f"{WORLD_PROBE}/val"),
         params:
             py=PY,
-            out=WORLD_PROBE,
+            out=lambda wc, output: str(Path(output.train).parent),
             recipe=recipe("probe_world"),
         conda:
             CONDA_ENV
