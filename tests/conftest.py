@@ -122,21 +122,42 @@ def hub_model_config() -> Callable[[Path, str, int], None]:
     return write
 
 
+def stand_in_image_folders(root: Path, classes: tuple[str, ...] = ("n01440764", "n01443537"),
+                           per_class: int = 1) -> None:
+    """ImageNet's layout under `root`: `train/` and `val/`, one folder per synset class, each
+    with `per_class` small JPEGs (the first two ImageNet synsets' names; random pixels)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in classes:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for k in range(per_class):
+                pixels = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{name}_{k}.JPEG")
+
+
 @pytest.fixture(scope="session")
 def _paper_machine(tmp_path_factory, hub_model_config) -> tuple[dict[str, Any], dict[str, str]]:
     """config/paper.yaml as a machine with its data and models sees it, for paper-scale dry runs
     (xfusion.config_check resolves every reference while Snakemake parses): `data.image_dir`,
     `evaluation.mmlu_path` and `data.eval.coco_images` as empty temp dirs,
-    `data.eval.coco_annotations` as a one-caption COCO captions file, and a Hugging Face cache
-    (HF_HUB_CACHE in the returned env) holding only each base LLM's config.json, so the layer
-    checks read real depths. Returns (the raw config, the env for a snakemake subprocess)."""
+    `data.eval.coco_annotations` as a one-caption COCO captions file,
+    `data.probe.{train,val}_dir` as ImageNet-style ImageFolders (stand_in_image_folders), and a
+    Hugging Face cache (HF_HUB_CACHE in the returned env) holding only each base LLM's
+    config.json, so the layer checks read real depths. Returns (the raw config, the env for a
+    snakemake subprocess)."""
     from xfusion.config import all_runs
 
     root = tmp_path_factory.mktemp("paper_machine")
     overrides = {"data.image_dir": str(root / "coco"), "evaluation.mmlu_path": str(root / "mmlu"),
-                 "data.eval.coco_images": str(root / "val2014")}
+                 "data.eval.coco_images": str(root / "val2014"),
+                 "data.probe.train_dir": str(root / "imagenet" / "train"),
+                 "data.probe.val_dir": str(root / "imagenet" / "val")}
     for path in overrides.values():
-        Path(path).mkdir()
+        Path(path).mkdir(parents=True)
+    stand_in_image_folders(root / "imagenet")
     # the COCO evaluation set: a captions_val2014.json-layout file (one image, one caption)
     annotations = root / "captions_val2014.json"
     annotations.write_text('{"images": [{"id": 1, "file_name": "COCO_val2014_000000000001.jpg"}],'

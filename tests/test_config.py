@@ -173,6 +173,11 @@ def test_each_evaluation_hash_changes_with_exactly_what_it_reads():
                                                        "geneval"}
     assert _changed({"evaluation.top_p": 0.9}) == {"sample_i2t", "itm", "caption_attributes"}
     assert _changed({"evaluation.probe_epochs": 3}) == {"linear_probe"}
+    # the probe's images are read by the probe_data rule alone, not by the data stage that reads
+    # the rest of `data` (xfusion.config.DEDICATED)
+    assert _changed({"data.probe.max_per_class": 5}) == {"probe_data"}
+    assert _changed({"data.probe.val_dir": "imagenet/val"}) == {"probe_data"}
+    assert "probe_data" in _changed({"data.image_size": 64})  # it crops to the model's size
     assert _changed({"evaluation.mmlu_shots": 3}) == {"mmlu", "mmlu_base"}
     assert _changed({"evaluation.fid_extractor": "inception-v3-compat"}) == {"fid"}
     # the judges' recipe reaches every job that loads a judge, and no other

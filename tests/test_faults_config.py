@@ -162,6 +162,8 @@ def _problems(raw) -> str:
     ({"model.base_lm.source": "pretrained", "model.base_lm.path": "org/llama-not-cached"},
      "config.model.base_lm.path = 'org/llama-not-cached': a hub id not in the local Hugging Face "
      "cache"),
+    ({"data.probe.val_dir": "/nonexistent/imagenet/val"},
+     "config.data.probe.val_dir = '/nonexistent/imagenet/val': no such directory"),
 ])
 def test_a_bad_reference_names_its_key_and_value(overrides, expected):
     assert expected in _problems(apply_overrides(load_yaml(REPO / "config" / "tiny.yaml"),
@@ -245,3 +247,24 @@ def test_a_problem_runs_share_is_one_line_naming_each_run():
     repa = [line for line in _problems(raw).splitlines() if "check model.repa.layer" in line]
     assert len(repa) == 1
     assert all(f"size_{size}_align_on" in repa[0] for size in "sml")
+
+
+def test_the_paper_probe_needs_its_image_folders_where_a_probe_is_measured(paper_config,
+                                                                          monkeypatch):
+    """At paper scale null means no probe images (the world's set exists only at tiny scale);
+    a config without a probe experiment needs none."""
+    from huggingface_hub import constants
+
+    from xfusion.config_check import pretrained_depth
+
+    raw, env = paper_config
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", env["HF_HUB_CACHE"])  # the base LLMs' depths
+    pretrained_depth.cache_clear()
+    assert check_config(raw, SCHEMA)  # the stand-in ImageNet folders exist
+    raw["data"]["probe"]["train_dir"] = None
+    assert ("config.data.probe.train_dir = None: an experiment measures the linear probe and "
+            "data.source is 'folder'") in _problems(raw)
+    del raw["experiments"]["figureD"]
+    assert check_config(raw, SCHEMA)
+    pretrained_depth.cache_clear()  # depths read from this test's cache only

@@ -29,6 +29,7 @@ def section_schemas():
     yield "model.repa", xc.RepaConfig, model["repa"]
     yield "model.repa.align", xc.AlignEncoderConfig, model["repa"]["properties"]["align"]
     yield "data.captioner", xc.CaptionerConfig, props["data"]["properties"]["captioner"]
+    yield "data.probe", xc.ProbeDataConfig, props["data"]["properties"]["probe"]
     experiment = props["experiments"]["additionalProperties"]
     yield "experiments.<name>", xc.Experiment, experiment
     yield "experiments.<name>.paper", xc.PaperReference, experiment["properties"]["paper"]

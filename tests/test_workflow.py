@@ -188,6 +188,47 @@ def test_paper_dry_run_samples_and_measures_fid_on_the_coco_split(paper_config, 
     assert "heldout" not in "".join(jobs(out, "sample_t2i") + jobs(out, "fid") + [figure_e])
 
 
+def test_tiny_probe_reads_the_worlds_probe_set_through_the_image_folder_path(tiny_plan):
+    """data.probe.* null: rule probe_world writes the world's images by shape as ImageFolders,
+    probe_data encodes each split once, and every probed step reads both encoded sets."""
+    counts = job_counts(tiny_plan)
+    assert counts["probe_world"] == 1 and counts["probe_data"] == 2
+    (world,) = jobs(tiny_plan, "probe_world")
+    R = re.search(r"output: (\S+)/world/probe/train, \1/world/probe/val", world).group(1)
+    for split in ("train", "val"):
+        block = next(b for b in jobs(tiny_plan, "probe_data") if f"probe_split={split}" in b)
+        assert f"input: {R}/world/probe/{split}\n" in block
+        assert f"output: {R}/probe/{split}.safetensors" in block
+    probes = jobs(tiny_plan, "linear_probe")
+    assert probes and all(f"{R}/probe/train.safetensors, {R}/probe/val.safetensors" in block
+                          for block in probes)
+
+
+def test_paper_dry_run_plans_the_imagenet_probe_for_figure_d(paper_config, tmp_path):
+    """Supp. Fig. D at paper scale: each ImageNet split (data.probe.*, ImageFolder) encoded once on
+    a GPU, then the probe of each run's last step on a GPU; no tiny-world probe set."""
+    raw, env = paper_config
+    config = tmp_path / "paper.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    rc, out = snakemake("--profile", "slurm", "--configfile", config, "-n",
+                        "results/paper/figures/figureD.png", "-F", env=env)
+    assert rc == 0, out[-3000:]
+    assert not jobs(out, "probe_world")
+    encode = jobs(out, "probe_data")
+    assert len(encode) == 2
+    for split in ("train", "val"):
+        folder = raw["data"]["probe"][f"{split}_dir"]
+        block = next(b for b in encode if f"probe_split={split}" in b)
+        assert f"--images {folder} --out results/paper/probe/{split}.safetensors" in block
+        assert re.search(r"gpu=1\b", block) and "slurm_partition=gpu" in block
+    probes = jobs(out, "linear_probe")
+    runs = {re.search(r"wildcards: run=(\w+)", b).group(1) for b in probes}
+    assert runs == set(experiments_from_dict(raw)["figureD"].runs)
+    for block in probes:
+        assert "--train results/paper/probe/train.safetensors" in block
+        assert re.search(r"gpu=1\b", block)
+
+
 # ---- the DAG executed with stand-in entry points ------------------------------------------------
 
 STAND_IN = r'''
@@ -220,6 +261,9 @@ if module == "xfusion.data.world":
 elif module in ("xfusion.tokenizer", "eval.judges", "eval.attribute_classifier",
                 "xfusion.align_encoder"):
     out.mkdir(parents=True, exist_ok=True)
+elif module == "xfusion.data.world_probe":
+    for split in ("train", "val"):
+        (out / split).mkdir(parents=True, exist_ok=True)
 elif module == "xfusion.pretrain_lm":
     write(out / "base_model.json")
 elif module == "xfusion.train":
@@ -232,7 +276,7 @@ elif module == "xfusion.train":
     write(out / "done.json")
 elif module == "xfusion.sample" and opt("--mode") == "t2i":
     write(out / "index.jsonl")
-elif module in ("xfusion.caption", "xfusion.latents", "xfusion.sample"):
+elif module in ("xfusion.caption", "xfusion.latents", "xfusion.sample", "xfusion.probe_data"):
     write(out)
 elif module == "eval.linear_probe":
     metric(0.5, {"per_layer": {m: {"1": 0.5, "2": 0.6} for m in ("understanding", "generation")}})

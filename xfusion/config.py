@@ -223,6 +223,21 @@ class EvalDataConfig:
 
 
 @dataclass(frozen=True)
+class ProbeDataConfig:
+    """The linear probe's labelled images (X-Fusion Supp. C.3: ImageNet), each split a folder in
+    torchvision's ImageFolder layout: one subfolder per class, the class its name
+    (xfusion.data.image_folder). Read by the probe_data rule only, never by the data stage."""
+
+    # null: the tiny world's own probe set, written by rule probe_world from the world's
+    # train / heldout images into R/world/probe/{train,val}/<shape>/ (data.source: world only).
+    train_dir: str | None = None  # the probe head trains on these (ImageNet: train/)
+    val_dir: str | None = None  # top-1 is measured on these (ImageNet: val/)
+    # At most this many images of each class, the first in sorted order (null: all). ImageNet's
+    # 1.28M train images give 1.28M x 2048 x 4 B = 10 GB of features per probed layer and mode.
+    max_per_class: int | None = None
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """`source: world` generates the tiny world; `source: folder` reads images + captions."""
 
@@ -252,6 +267,7 @@ class DataConfig:
     tokenizer_vocab_size: int = 2048
     tokenizer_path: str | None = None  # paper scale: the base LLM's tokenizer
     eval: EvalDataConfig = field(default_factory=EvalDataConfig)  # COCO evaluation set, or none
+    probe: ProbeDataConfig = field(default_factory=ProbeDataConfig)  # linear-probe images
 
 
 @dataclass(frozen=True)
@@ -317,7 +333,12 @@ class EvaluationConfig:
     probe_t_generation: float = 0.02  # t = 20 / 1000
     probe_lr: float = 6.4e-3
     probe_epochs: int = 30
+    # Supp. C.3: 16,384; the head and one batch of features are small (16,384 x 2048 floats =
+    # 128 MiB), so the paper's batch fits wherever the features do; capped at the train size.
     probe_batch_size: int = 256
+    # Generation mode's text prompt before the noised image (Supp. C.3 names none for ImageNet):
+    # one prompt for every image, so the text says nothing of the class the probe predicts.
+    probe_prompt: str = "An image."
     judge_steps: int = 600
     # Tiny-scale judges (eval/judges.py): a CLIP dual encoder and a BLIP-2 ITM model trained
     # offline by the pipeline; unused at paper scale, where pretrained evaluators are loaded.
@@ -486,6 +507,8 @@ def validate(run: RunConfig) -> RunConfig:
     for key in ("n_train", "n_heldout"):
         _check(getattr(d, key) > 0, f"data.{key}", getattr(d, key), "must be > 0")
     _check(d.n_align >= 0, "data.n_align", d.n_align, "must be >= 0")
+    _check(d.probe.max_per_class is None or d.probe.max_per_class > 0, "data.probe.max_per_class",
+           d.probe.max_per_class, "must be null (all) or > 0")
     _check(t.steps > 0, "training.steps", t.steps, "must be > 0")
     _check(t.tokens_per_batch > 0, "training.tokens_per_batch", t.tokens_per_batch, "must be > 0")
     _check(t.lr > 0, "training.lr", t.lr, "must be > 0")
@@ -782,28 +805,23 @@ _PRETRAIN_ENGINE = ("training.seed", "training.betas", "training.eps", "training
 # Both samplers draw the first n_samples held-out items in batches, seeded by the run's `seed`.
 _SAMPLING = ("seed", "evaluation.n_samples", "evaluation.sample_batch_size")
 _MMLU = ("evaluation.mmlu_path", "evaluation.mmlu_shots")
-# The COCO evaluation set is read by the coco job alone; the jobs that read `data` as a whole see
-# it only through the coco split's files (their inputs), so a new annotations path reruns the
-# evaluation, never the training data.
-_EVAL_SET = ("data.eval",)
 
 # Job name (the Snakemake rule) -> what it reads (from its entry point's code).
 READS = {
-    "world": Reads(("data", "seed"), skip=_EVAL_SET),
-    "folder": Reads(("data", "seed"), skip=_EVAL_SET),
+    "world": Reads(("data", "seed")),
+    "folder": Reads(("data", "seed")),
     # the seeded COCO sample (xfusion.data.coco), checked against the training images
     "coco": Reads(("seed", "data.eval", "data.source", "data.image_dir", "data.image_size",
                    "data.bad_input_policy", "evaluation.n_samples")),
-    "caption": Reads(("data",), skip=_EVAL_SET),
-    "tokenizer": Reads(("data",), skip=_EVAL_SET),
-    "latents": Reads(("data", "model.codec"), skip=_EVAL_SET),
-    "base_lm": Reads(("model.base_lm", "data", *_PRETRAIN_ENGINE), skip=_EVAL_SET),
-    "judges": Reads(("seed", "data", "evaluation.judge_*"), skip=_EVAL_SET),
-    "attribute_classifier": Reads(("seed", "data", "evaluation.attr_*"), skip=_EVAL_SET),
-    "align_encoder": Reads(("seed", "data", "model.repa.feature_dim", "model.repa.align"),
-                           skip=_EVAL_SET),
+    "caption": Reads(("data",)),
+    "tokenizer": Reads(("data",)),
+    "latents": Reads(("data", "model.codec")),
+    "base_lm": Reads(("model.base_lm", "data", *_PRETRAIN_ENGINE)),
+    "judges": Reads(("seed", "data", "evaluation.judge_*")),
+    "attribute_classifier": Reads(("seed", "data", "evaluation.attr_*")),
+    "align_encoder": Reads(("seed", "data", "model.repa.feature_dim", "model.repa.align")),
     # model.repa.align is the align encoder's recipe: read only through it (REPA runs on it).
-    "train_run": Reads(("model", "data", "training"), skip=("model.repa.align", *_EVAL_SET),
+    "train_run": Reads(("model", "data", "training"), skip=("model.repa.align",),
                        evaluators=lambda c: (c.model.repa.encoder,) if c.model.repa.enabled
                        else ()),
     "sample_t2i": Reads((*_SAMPLING, "evaluation.sample_steps", "evaluation.cfg_scale",
@@ -820,24 +838,41 @@ READS = {
     "caption_attributes": Reads((), after=("sample_i2t",)),
     "mmlu_base": Reads(_MMLU),
     "mmlu": Reads(_MMLU),
+    # the probe set: its images, cropped and encoded like the training latents
+    "probe_world": Reads(()),  # the world's images and labels, copied; no key of its own
+    "probe_data": Reads(("data.probe", "data.image_size", "data.bad_input_policy",
+                         "data.encode_batch_size", "model.codec")),
     "linear_probe": Reads(("seed", "data.max_caption_tokens", "evaluation.sample_batch_size",
                            "evaluation.probe_*")),
     "caption_metrics": Reads(("data", "evaluation.n_samples", "evaluation.bertscore_*",
-                              "evaluation.clip_model", "evaluation.itm_model"), skip=_EVAL_SET,
+                              "evaluation.clip_model", "evaluation.itm_model"),
                              evaluators=lambda c: (c.evaluation.clip_model, c.evaluation.itm_model,
                                                    c.evaluation.bertscore_model)),
 }
+
+
+# Subsections that a section name in READS does not bring in: only a job naming them (or a key
+# in them) reads them. The probe's images and the COCO evaluation set are no input of the data
+# stage that reads `data`: the coco job alone reads data.eval (the jobs after it read the coco
+# split's files), so a new annotations path reruns the evaluation, never the training data.
+DEDICATED = ("data.probe", "data.eval")
 
 
 def _matches(key: str, patterns) -> bool:
     return any(fnmatchcase(key, p) or key.startswith(p + ".") for p in patterns)
 
 
+def _reads_key(key: str, patterns) -> bool:
+    """Whether READS patterns cover `key`: a DEDICATED subsection only where a pattern names it."""
+    own = [d for d in DEDICATED if _matches(key, (d,))]
+    return _matches(key, [p for p in patterns if not own or _matches(p, own)])
+
+
 def _read_keys(cfg: RunConfig, job: str, keys) -> set[str]:
     """Which of the dotted `keys` `job` reads: its own, those of the evaluation jobs upstream of
     it, and those of the trained evaluators or REPA encoder it loads."""
     reads = READS[job]
-    out = {k for k in keys if _matches(k, reads.keys) and not _matches(k, reads.skip)}
+    out = {k for k in keys if _reads_key(k, reads.keys) and not _matches(k, reads.skip)}
     for upstream in reads.after:
         out |= _read_keys(cfg, upstream, keys)
     names = reads.evaluators(cfg)

@@ -101,6 +101,8 @@ def reference_messages(raw: Mapping[str, Any], recipe: RunConfig,
     probed = {run for exp in experiments_from_dict(raw).values() if exp.measure == "probe"
               for run in exp.runs}
     messages = run_references(recipe, probe=False)
+    if probed:
+        messages += probe_data_messages(recipe)
     runs_with: dict[str, list[str]] = {}  # problem -> the runs that have it
     for name, run in runs.items():
         for problem in run_references(run, probe=name in probed):
@@ -164,6 +166,23 @@ def run_references(cfg: RunConfig, probe: bool) -> list[str]:
         layers["evaluation.probe_layers"] = e.probe_layers
     if layers:
         out += layer_messages(cfg, layers)
+    return out
+
+
+def probe_data_messages(cfg: RunConfig) -> list[str]:
+    """The linear probe's ImageFolder splits (data.probe.*) exist; null means the tiny world's
+    own probe set, which only the world source writes."""
+    out: list[str] = []
+    for split in ("train", "val"):
+        key = f"data.probe.{split}_dir"
+        value = getattr(cfg.data.probe, f"{split}_dir")
+        if value:
+            out += local_reference(key, value, "directory")
+        elif cfg.data.source != "world":
+            out.append(f"config.{key} = None: an experiment measures the linear probe and "
+                       f"data.source is {cfg.data.source!r}, so the probe needs its labelled "
+                       "images: an ImageFolder directory (one subfolder per class, e.g. "
+                       f"ImageNet's {split}/); set the key")
     return out
 
 

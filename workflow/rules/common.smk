@@ -158,6 +158,22 @@ def corpus_input():
     return [CORPUS] if world_source() else []
 
 
+# The linear probe's ImageFolder splits (xfusion.probe_data): data.probe.<split>_dir, or the
+# tiny world's probe set (rule probe_world) where the key is null.
+PROBE_SPLITS = ("train", "val")
+WORLD_PROBE = f"{R}/world/probe"
+
+
+def probe_images(split):
+    return config["data"].get("probe", {}).get(f"{split}_dir") or f"{WORLD_PROBE}/{split}"
+
+
+def probe_images_input(split):
+    """The world's probe split is a job's output; a user's folder is a path, not an input (as
+    data.image_dir: a folder of a million files is read, not tracked)."""
+    return [] if config["data"].get("probe", {}).get(f"{split}_dir") else [f"{WORLD_PROBE}/{split}"]
+
+
 def mmlu_data():
     """MMLU in hendrycks layout: the world's tiny benchmark or evaluation.mmlu_path."""
     path = config["evaluation"].get("mmlu_path")

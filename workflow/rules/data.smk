@@ -144,3 +144,52 @@ rule latents:
         bench("latents", "{split}")
     shell:
         "{params.py} -m xfusion.latents --config {params.config} --captions {input.captions} --out {output} > {log} 2>&1"
+
+
+# The linear probe's labelled images (Supp. C.3: ImageNet): data.probe.{train,val}_dir in
+# ImageFolder layout, or the tiny world's own set (rule probe_world) where those are null.
+if world_source():
+
+    rule probe_world:
+        """The world's train / held-out images by shape, as the probe's ImageFolder splits."""
+        input:
+            train=f"{R}/world/train/scenes.jsonl",
+            heldout=f"{R}/world/heldout/scenes.jsonl",
+        output:
+            train=directory(f"{WORLD_PROBE}/train"),
+            val=directory(f"{WORLD_PROBE}/val"),
+        params:
+            py=PY,
+            out=lambda wc, output: str(Path(output.train).parent),
+            recipe=recipe("probe_world"),
+        conda:
+            CONDA_ENV
+        log:
+            log("probe_world"),
+        benchmark:
+            bench("probe_world")
+        shell:
+            "{params.py} -m xfusion.data.world_probe --train-scenes {input.train} --val-scenes {input.heldout} --out {params.out} > {log} 2>&1"
+
+
+rule probe_data:
+    """Centre-crop, resize and encode one probe split with the image codec, labels beside."""
+    input:
+        lambda wc: probe_images_input(wc.probe_split),
+    output:
+        f"{R}/probe/{{probe_split}}.safetensors",
+    params:
+        py=PY,
+        config=CONFIG,
+        images=lambda wc: probe_images(wc.probe_split),
+        recipe=recipe("probe_data"),
+    wildcard_constraints:
+        probe_split="|".join(PROBE_SPLITS),
+    conda:
+        CONDA_ENV
+    log:
+        log("probe_data", "{probe_split}"),
+    benchmark:
+        bench("probe_data", "{probe_split}")
+    shell:
+        "{params.py} -m xfusion.probe_data --config {params.config} --images {params.images} --out {output} > {log} 2>&1"

@@ -122,15 +122,11 @@ rule mmlu:
 
 rule linear_probe:
     """Linear probe of image hidden states per layer, understanding and generation modes
-    (trained on train-split features, measured on held-out ones)."""
+    (trained on the probe's train-split features, top-1 on its val split: Supp. C.3)."""
     input:
         done=lambda wc: done(wc.run),
-        train_scenes=f"{R}/world/train/scenes.jsonl",
-        train_latents=f"{R}/latents/train.safetensors",
-        train_captions=f"{R}/captions/train.jsonl",
-        scenes=f"{R}/world/heldout/scenes.jsonl",
-        latents=f"{R}/latents/heldout.safetensors",
-        captions=f"{R}/captions/heldout.jsonl",
+        train=f"{R}/probe/train.safetensors",
+        val=f"{R}/probe/val.safetensors",
     output:
         f"{R}/metrics/{{run}}/{{step}}/probe.json",
     params:
@@ -145,7 +141,7 @@ rule linear_probe:
     benchmark:
         bench("linear_probe", "{run}/{step}")
     shell:
-        "{params.py} -m eval.linear_probe --config {params.config} --run {wildcards.run} --step {wildcards.step} --model {params.model} --train-scenes {input.train_scenes} --train-latents {input.train_latents} --train-captions {input.train_captions} --scenes {input.scenes} --latents {input.latents} --captions {input.captions} --out {output} > {log} 2>&1"
+        "{params.py} -m eval.linear_probe --config {params.config} --run {wildcards.run} --step {wildcards.step} --model {params.model} --train {input.train} --val {input.val} --out {output} > {log} 2>&1"
 
 
 rule caption_metrics:
