@@ -20,8 +20,13 @@ runs on `PRETRAIN_THREADS` intra-op threads whatever the machine or environment 
 deterministic algorithms, and `python -m` pins the x86 kernel family to AVX2 (`NUMERICS_ENV`:
 ATen's dispatch, MKL's conditional numerical reproducibility). Same inputs -> bitwise-identical
 weights on one machine whatever its core count (tested), and the same bits on AVX-512 and AVX2
-x86 CPUs (emulated on one AVX-512 CPU by forcing each dispatch, not run on two machines); ARM
-or GPU runs compute other bits. The world, captions and tokenizer are deterministic already:
+Intel CPUs (emulated on one AVX-512 CPU by forcing each dispatch, not run on two machines). Not
+across CPU vendors: MKL's AVX2 branch exists on Intel CPUs only, and on an AMD CPU MKL takes its
+own (AUTO) branch, so the same recipe trains other weights there (measured: tiny_base MMLU 0.294
+on an AMD EPYC machine, 0.381 in two clean clones of an earlier stop, its CPU not recorded;
+README "Tiny base LLM"). MKL's COMPATIBLE branch (SSE2) would give one result on both vendors,
+at 2.5x the step time (measured here, benchmarks.zero_buckets's step, under load).
+ARM or GPU runs compute other bits. The world, captions and tokenizer are deterministic already:
 tests/test_pretrain_lm.py runs the chain twice under different thread counts and hash seeds and
 compares every artefact and the weights bitwise.
 
@@ -63,7 +68,8 @@ from xfusion.tokenizer import ANSWER_LETTERS, load_tokenizer
 # Snakemake gives the base_lm rule (workflow/rules/base.smk `threads: 1`).
 PRETRAIN_THREADS = 1
 # x86 kernel families pinned for the process (set before the first kernel runs): ATen's CPU
-# dispatch and MKL's code path (CNR mode), so AVX-512 and AVX2 machines compute the same bits.
+# dispatch and MKL's code path (CNR mode), so AVX-512 and AVX2 Intel machines compute the same
+# bits (an AMD CPU takes MKL's AUTO branch instead: the module docstring).
 # A value already in the environment wins; a CPU without AVX2 falls back to its own kernels.
 NUMERICS_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT"}
 
