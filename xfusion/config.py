@@ -761,6 +761,9 @@ READS = {
     "caption": Reads(("data",)),
     "tokenizer": Reads(("data",)),
     "latents": Reads(("data", "model.codec")),
+    # The gathers read no config; their shard lists follow the shard plan (xfusion.shards).
+    "caption_gather": Reads(("data.n_train", "data.n_heldout", "data.captioner.shard_size")),
+    "latents_gather": Reads(("data.n_train", "data.n_heldout", "data.captioner.shard_size")),
     "base_lm": Reads(("model.base_lm", "data", *_PRETRAIN_ENGINE)),
     "judges": Reads(("seed", "data", "evaluation.judge_*")),
     "attribute_classifier": Reads(("seed", "data", "evaluation.attr_*")),

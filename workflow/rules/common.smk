@@ -30,6 +30,7 @@ from xfusion import config_check
 from xfusion.config import ALIGN_ENCODER, JUDGE_NAMES, SCORECARD, ConfigError, config_schema
 from xfusion.config import experiment_recipe, experiments_from_dict, load_yaml, recipe_hash
 from xfusion.config import run_from_dict
+from xfusion.shards import n_shards, shard_name
 from xfusion.io import atomic_write_text
 
 
