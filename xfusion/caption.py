@@ -12,6 +12,9 @@ Backends (`data.captioner.backend`):
          `generate` takes (`generate_input_names`), resumable: every `shard_size` images form a
          shard written atomically under `<out>.shards/`; a rerun skips the shards already there and
          the shards are merged into `<out>` in input order at the end.
+Sharded (xfusion.shards): `--shard K --of N` captions only shard K's lines of the scenes file
+into `--out R/captions/shards/<split>/<K>.jsonl`, one Snakemake job per shard (rule `caption`);
+Snakemake reruns the shards without output, and `python -m xfusion.gather captions` joins them.
 Bad inputs (xfusion.data, `data.bad_input_policy`): an undecodable or incomplete line of the
 scenes file, a missing, corrupt or truncated image (hf backend), an empty caption from the
 captioner. `skip` leaves them out of `<out>` and names each (file, line) in

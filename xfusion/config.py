@@ -208,7 +208,7 @@ class CaptionerConfig:
     prompt: str = "Describe this image in detail."
     batch_size: int = 16
     max_new_tokens: int = 96
-    shard_size: int = 256
+    shard_size: int = 256  # images per shard: one caption and one latents job each (xfusion.shards)
 
 
 @dataclass(frozen=True)
