@@ -283,6 +283,31 @@ def aggregate_flags(wildcards, input):
     return " ".join(flags)
 
 
+# ---- the sharded data stage (xfusion.shards; rules in data.smk) ---------------------------------
+
+
+def split_shards(split):
+    """The shard names of a split: 000000, 000001, … (xfusion.shards.n_shards)."""
+    size = {"train": RECIPE.data.n_train, "heldout": RECIPE.data.n_heldout}[split]
+    return [shard_name(k) for k in range(n_shards(size, RECIPE.data.captioner.shard_size))]
+
+
+def caption_shard(split, shard):
+    return f"{R}/captions/shards/{split}/{shard}.jsonl"
+
+
+def latents_shard(split, shard):
+    return f"{R}/latents/shards/{split}/{shard}.safetensors"
+
+
+def shard_files(path, split):
+    """`path(split, shard)` and its bad-input report for every shard of the split."""
+    files = [path(split, s) for s in split_shards(split)]
+    # xfusion.data.report_path, without importing torch at every parse
+    reports = [str(Path(f).with_name(Path(f).stem + ".bad_inputs.json")) for f in files]
+    return {"shards": files, "reports": reports}
+
+
 # ---- the findings scorecard (eval.findings) ----------------------------------------------------
 
 # The findings, as contrasts of our tables, beside the transcription of the papers.

@@ -58,28 +58,6 @@ else:
 # every downstream rule reads as before. A killed run reruns only the shards without output.
 
 
-def split_shards(split):
-    """The shard names of a split: 000000, 000001, … (xfusion.shards.n_shards)."""
-    size = {"train": RECIPE.data.n_train, "heldout": RECIPE.data.n_heldout}[split]
-    return [shard_name(k) for k in range(n_shards(size, RECIPE.data.captioner.shard_size))]
-
-
-def caption_shard(split, shard):
-    return f"{R}/captions/shards/{split}/{shard}.jsonl"
-
-
-def latents_shard(split, shard):
-    return f"{R}/latents/shards/{split}/{shard}.safetensors"
-
-
-def shard_files(path, split):
-    """`path(split, shard)` and its bad-input report for every shard of the split."""
-    files = [path(split, s) for s in split_shards(split)]
-    # xfusion.data.report_path, without importing torch at every parse
-    reports = [str(Path(f).with_name(Path(f).stem + ".bad_inputs.json")) for f in files]
-    return {"shards": files, "reports": reports}
-
-
 rule caption:
     """Long captions of one shard of a split (the InternVL step; the scene record at tiny scale)."""
     input:
