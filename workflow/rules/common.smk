@@ -349,7 +349,7 @@ def shard_files(path, split):
     """`path(split, shard)` and its bad-input report for every shard of the split."""
     files = [path(split, s) for s in split_shards(split)]
     # xfusion.data.report_path, without importing torch at every parse
-    reports = [str(Path(f).with_name(Path(f).stem + ".bad_inputs.json")) for f in files]
+    reports = [str(Path(f).with_name(f"{Path(f).stem}.bad_inputs.json")) for f in files]
     return {"shards": files, "reports": reports}
 
 
