@@ -98,8 +98,10 @@ def fake_bin(tmp: Path) -> Path:
 def upstream_of_training(r: Path, base: str) -> None:
     """The train job's inputs and their own upstream, oldest first (so nothing is outdated)."""
     files = ["world/train/scenes.jsonl", "world/heldout/scenes.jsonl", "world/train/images/",
-             "world/heldout/images/", "captions/train.jsonl", "captions/heldout.jsonl",
-             "tokenizer/", "latents/train.safetensors", f"base_lm/{base}/base_model.json"]
+             "world/heldout/images/", "captions/train.jsonl", "captions/train.bad_inputs.json",
+             "captions/heldout.jsonl", "captions/heldout.bad_inputs.json", "tokenizer/",
+             "latents/train.safetensors", "latents/train.bad_inputs.json",
+             f"base_lm/{base}/base_model.json"]  # the gathers' outputs: no shard job needed
     now = time.time() - 1000
     for i, rel in enumerate(files):
         path = r / rel

@@ -16,6 +16,7 @@ import yaml
 
 from xfusion.config import ARCHITECTURES, all_runs, apply_overrides, experiments_from_dict
 from xfusion.config import load_yaml, resolve_run
+from xfusion.shards import n_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
@@ -82,7 +83,12 @@ def test_each_run_trained_once_and_shared_runs_not_duplicated(tiny_plan):
     assert len(trained) == seeds * len({g for e in experiments_from_dict(TINY).values()
                                         for g in e.groups})
     assert counts["world"] == 1 and counts["tokenizer"] == 1 and counts["judges"] == 1
-    assert counts["caption"] == 2 and counts["latents"] == 2
+    # one caption and one latents job per shard of each split, one gather each per split
+    size = TINY["data"]["captioner"]["shard_size"]
+    shards = sum(n_shards(TINY["data"][n], size) for n in ("n_train", "n_heldout"))
+    assert shards > 2  # the tiny world has a split of more than one shard
+    assert counts["caption"] == counts["latents"] == shards
+    assert counts["caption_gather"] == counts["latents_gather"] == 2
     assert counts["base_lm"] == 3  # tiny_base, tiny_s, tiny_l (Supp. Fig. B sizes)
     assert counts["aggregate"] == len(experiments_from_dict(TINY))
     # the findings scorecard: one job from the tables, published like them
@@ -276,7 +282,10 @@ elif module == "xfusion.train":
     write(out / "done.json")
 elif module == "xfusion.sample" and opt("--mode") == "t2i":
     write(out / "index.jsonl")
-elif module in ("xfusion.caption", "xfusion.latents", "xfusion.sample", "xfusion.probe_data"):
+elif module in ("xfusion.caption", "xfusion.latents", "xfusion.gather"):
+    write(out)  # a shard or a gathered split, and its bad-input report
+    write(out.with_name(out.stem + ".bad_inputs.json"))
+elif module in ("xfusion.sample", "xfusion.probe_data"):
     write(out)
 elif module == "eval.linear_probe":
     metric(0.5, {"per_layer": {m: {"1": 0.5, "2": 0.6} for m in ("understanding", "generation")}})

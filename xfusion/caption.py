@@ -12,6 +12,9 @@ Backends (`data.captioner.backend`):
          `generate` takes (`generate_input_names`), resumable: every `shard_size` images form a
          shard written atomically under `<out>.shards/`; a rerun skips the shards already there and
          the shards are merged into `<out>` in input order at the end.
+Sharded (xfusion.shards): `--shard K --of N` captions only shard K's lines of the scenes file
+into `--out R/captions/shards/<split>/<K>.jsonl`, one Snakemake job per shard (rule `caption`);
+Snakemake reruns the shards without output, and `python -m xfusion.gather captions` joins them.
 Bad inputs (xfusion.data, `data.bad_input_policy`): an undecodable or incomplete line of the
 scenes file, a missing, corrupt or truncated image (hf backend), an empty caption from the
 captioner. `skip` leaves them out of `<out>` and names each (file, line) in
@@ -37,6 +40,7 @@ from tqdm import tqdm
 from xfusion.config import CaptionerConfig, load_run
 from xfusion.data import BadInputs, caption_text, read_records, record_image, report_path
 from xfusion.io import atomic_write_jsonl
+from xfusion.shards import count_records, shard_lines
 
 OPENINGS = ("The image shows {n} on a plain light grey background.",
             "This picture contains {n} drawn on a plain light grey background.",
@@ -169,31 +173,51 @@ class HFCaptioner:
         return captions
 
 
+def caption_records(records: list[tuple[int, dict]], scenes_path: Path, captioner,
+                    batch_size: int, bad: BadInputs, bar: tqdm) -> list[dict]:
+    """Captions of `records` ((line, row) of the scenes file), `batch_size` images per call of
+    `captioner()` (built on first use: a shard of bad images never loads the model). A row whose
+    image does not decode is a bad input, kept as {"id", "image", "bad": {file, reason}}."""
+    captioned: list[dict] = []
+    for i in range(0, len(records), batch_size):
+        batch, images = [], []
+        for line, r in records[i:i + batch_size]:
+            if (img := record_image(r, scenes_path, line, bad)) is None:
+                captioned.append({"id": r["id"], "image": r["image"], "bad": bad.items[-1]})
+                continue
+            batch.append(r)
+            images.append(img)
+        captions = captioner()(images) if images else []
+        captioned += [{"id": r["id"], "image": r["image"], "caption": c}
+                      for r, c in zip(batch, captions)]
+        bar.update(len(records[i:i + batch_size]))
+    return captioned
+
+
+def lazy_captioner(cfg: CaptionerConfig):
+    """A function returning one HFCaptioner, loaded at its first call."""
+    loaded: list[HFCaptioner] = []
+
+    def get() -> HFCaptioner:
+        if not loaded:
+            loaded.append(HFCaptioner(cfg))
+        return loaded[0]
+    return get
+
+
 def hf_captions(records: list[tuple[int, dict]], scenes_path: Path, out: Path,
                 cfg: CaptionerConfig, bad: BadInputs) -> list[dict]:
-    """Caption `records` ((line, row) of the scenes file) shard by shard; shards already on disk
-    are kept (resume after a kill). A row whose image does not decode is a bad input: left out
-    of the captioning and kept in its shard as {"id", "image", "bad": {file, reason}}."""
+    """Caption `records` ((line, row) of the scenes file) shard by shard, each shard written
+    under `<out>.shards/`; shards already on disk are kept (resume after a kill). Bad images
+    are left out (`caption_records`) and stay in their shard as markers."""
     shard_dir = out.with_name(out.name + ".shards")
     shards = [records[i:i + cfg.shard_size] for i in range(0, len(records), cfg.shard_size)]
     todo = [k for k in range(len(shards)) if not (shard_dir / f"{k:06d}.jsonl").exists()]
-    captioner = HFCaptioner(cfg) if todo else None
+    captioner = lazy_captioner(cfg)
     with tqdm(total=sum(len(shards[k]) for k in todo), desc="caption", unit="img") as bar:
         for k in todo:
-            captioned = []
-            for i in range(0, len(shards[k]), cfg.batch_size):
-                batch, images = [], []
-                for line, r in shards[k][i:i + cfg.batch_size]:
-                    if (img := record_image(r, scenes_path, line, bad)) is None:
-                        captioned.append({"id": r["id"], "image": r["image"],
-                                          "bad": bad.items[-1]})
-                        continue
-                    batch.append(r)
-                    images.append(img)
-                captions = captioner(images) if images else []
-                captioned += [{"id": r["id"], "image": r["image"], "caption": c}
-                              for r, c in zip(batch, captions)]
-                bar.update(len(shards[k][i:i + cfg.batch_size]))
+            captioned = caption_records(shards[k], scenes_path, captioner, cfg.batch_size, bad,
+                                        bar)
             atomic_write_jsonl(shard_dir / f"{k:06d}.jsonl", captioned)
     rows = [row for k in range(len(shards)) for _, row in
             read_records(shard_dir / f"{k:06d}.jsonl", bad, keys=("id", "image"))]
@@ -203,10 +227,31 @@ def hf_captions(records: list[tuple[int, dict]], scenes_path: Path, out: Path,
     return [row for row in rows if "bad" not in row]
 
 
-def caption_file(scenes_path: Path, out: Path, cfg: CaptionerConfig, policy: str) -> int:
-    """Write `out` from `scenes_path`; returns the number of captions written."""
+def shard_records(scenes_path: Path, cfg: CaptionerConfig, bad: BadInputs,
+                  shard: tuple[int, int]) -> list[tuple[int, dict]]:
+    """The records of shard k of n (xfusion.shards: lines k*shard_size+1 … of the scenes
+    file); refuses a scenes file with more records than the n shards hold."""
+    k, n = shard
+    if not 0 <= k < n:
+        raise SystemExit(f"--shard {k} --of {n}: the shard must be in [0, {n})")
+    if (total := count_records(scenes_path)) > n * cfg.shard_size:
+        raise SystemExit(f"{scenes_path}: {total} records, more than {n} shards of "
+                         f"data.captioner.shard_size = {cfg.shard_size} hold; the shard plan "
+                         "comes from data.n_train / data.n_heldout: rerun the data stage with "
+                         "this config")
+    return read_records(scenes_path, bad, keys=("id", "image"),
+                        lines=shard_lines(k, cfg.shard_size))
+
+
+def caption_file(scenes_path: Path, out: Path, cfg: CaptionerConfig, policy: str,
+                 shard: tuple[int, int] | None = None) -> int:
+    """Write `out` from `scenes_path` (only shard k of n of it with `shard` = (k, n): one job
+    of the sharded data stage, xfusion.shards); returns the number of captions written."""
     bad = BadInputs(policy)
-    records = read_records(scenes_path, bad, keys=("id", "image"))
+    if shard is None:
+        records = read_records(scenes_path, bad, keys=("id", "image"))
+    else:
+        records = shard_records(scenes_path, cfg, bad, shard)
     line_of = {r["id"]: n for n, r in records}
     if cfg.backend == "scene":
         for _, r in records:
@@ -215,8 +260,13 @@ def caption_file(scenes_path: Path, out: Path, cfg: CaptionerConfig, policy: str
                                  "backend needs the tiny world (use data.captioner.backend: hf)")
         captioned = [{"id": r["id"], "image": r["image"],
                       "caption": scene_caption(r["id"], r["scene"])} for _, r in records]
-    else:
+    elif shard is None:
         captioned = hf_captions(records, scenes_path, out, cfg, bad)
+    else:  # one job per shard: Snakemake reruns the shard whose output is missing
+        with tqdm(total=len(records), desc="caption", unit="img") as bar:
+            captioned = [row for row in caption_records(records, scenes_path, lazy_captioner(cfg),
+                                                        cfg.batch_size, bad, bar)
+                         if "bad" not in row]
     kept = []
     for row in captioned:
         if caption_text(row.get("caption")) is not None:
@@ -233,10 +283,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Long captions for a scenes file.")
     parser.add_argument("--config", required=True)
     parser.add_argument("--scenes", required=True, type=Path, help="R/world/<split>/scenes.jsonl")
-    parser.add_argument("--out", required=True, type=Path, help="R/captions/<split>.jsonl")
+    parser.add_argument("--shard", type=int, help="caption only shard K (xfusion.shards) ...")
+    parser.add_argument("--of", type=int, help="... of N shards (the split's shard count)")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="R/captions/<split>.jsonl, or with --shard "
+                             "R/captions/shards/<split>/<K>.jsonl")
     args = parser.parse_args()
+    if (args.shard is None) != (args.of is None):
+        parser.error("--shard and --of go together")
     cfg = load_run(args.config)
-    n = caption_file(args.scenes, args.out, cfg.data.captioner, cfg.data.bad_input_policy)
+    shard = None if args.shard is None else (args.shard, args.of)
+    n = caption_file(args.scenes, args.out, cfg.data.captioner, cfg.data.bad_input_policy, shard)
     print(f"wrote {n} captions to {args.out}")
 
 

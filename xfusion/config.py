@@ -210,7 +210,7 @@ class CaptionerConfig:
     prompt: str = "Describe this image in detail."
     batch_size: int = 16
     max_new_tokens: int = 96
-    shard_size: int = 256
+    shard_size: int = 256  # images per shard: one caption and one latents job each (xfusion.shards)
 
 
 @dataclass(frozen=True)
@@ -806,6 +806,9 @@ _PRETRAIN_ENGINE = ("training.seed", "training.betas", "training.eps", "training
 # Both samplers draw the first n_samples held-out items in batches, seeded by the run's `seed`.
 _SAMPLING = ("seed", "evaluation.n_samples", "evaluation.sample_batch_size")
 _MMLU = ("evaluation.mmlu_path", "evaluation.mmlu_shots")
+# The split sizes and shard size that fix each split's shards (xfusion.shards).
+_SHARD_PLAN = ("data.n_train", "data.n_heldout", "evaluation.n_samples",
+               "data.captioner.shard_size")
 
 # Job name (the Snakemake rule) -> what it reads (from its entry point's code).
 READS = {
@@ -817,6 +820,10 @@ READS = {
     "caption": Reads(("data",)),
     "tokenizer": Reads(("data",)),
     "latents": Reads(("data", "model.codec")),
+    # The gathers read no config; their shard lists follow the shard plan (xfusion.shards),
+    # the coco split's from evaluation.n_samples.
+    "caption_gather": Reads(_SHARD_PLAN),
+    "latents_gather": Reads(_SHARD_PLAN),
     "base_lm": Reads(("model.base_lm", "data", *_PRETRAIN_ENGINE)),
     "judges": Reads(("seed", "data", "evaluation.judge_*")),
     "attribute_classifier": Reads(("seed", "data", "evaluation.attr_*")),

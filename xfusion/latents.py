@@ -10,6 +10,10 @@ captions file, an empty caption, a missing, corrupt or truncated image. `skip` l
 out of the latents (training then never sees it) and names each (file, line) in
 `<out stem>.bad_inputs.json` beside `<out>`; `stop` exits naming the first.
 
+Sharded (xfusion.shards): the rule `latents` runs it once per shard, `--captions
+R/captions/shards/<split>/<k>.jsonl --out R/latents/shards/<split>/<k>.safetensors --allow-empty`
+(an empty shard writes a file without latents); `python -m xfusion.gather latents` stacks them.
+
 References: X-Fusion Sec. 4 (VAE latents); DESIGN.md "Encode the dataset with the VAE once".
 """
 
@@ -81,13 +85,21 @@ def load_latents(path: str | Path) -> tuple[torch.Tensor, list[str]]:
         return fh.get_tensor("latents"), json.loads(metadata["ids"])
 
 
-def encode_split(captions: Path, out: Path, cfg: RunConfig, device: torch.device) -> tuple:
-    """Write `out` (and its bad-input report) from the captions file; returns the latents' shape."""
+def encode_split(captions: Path, out: Path, cfg: RunConfig, device: torch.device,
+                 allow_empty: bool = False) -> tuple:
+    """Write `out` (and its bad-input report) from the captions file; returns the latents' shape.
+    Without a usable record it stops, unless `allow_empty` (one shard of a split,
+    xfusion.shards): then `out` holds no latents (shape (0,), no ids) and the codec is not
+    loaded; the gather (xfusion.gather) checks the split as a whole."""
     bad = BadInputs(cfg.data.bad_input_policy)
     records = captioned_records(captions, bad, keys=("id", "image"))
     ids: list[str] = []
     pixels = usable_pixels(records, captions, cfg.data.image_size, bad, ids)
-    if (first := next(pixels, None)) is None:
+    if (first := next(pixels, None)) is None and allow_empty:
+        save_latents(out, torch.zeros(0), [], dataclasses.asdict(cfg.model.codec))
+        bad.finish(report_path(out))
+        return (0,)
+    if first is None:
         bad.finish(report_path(out))
         raise SystemExit(f"{captions}: no record with a caption and a whole image; see "
                          f"{report_path(out)}")
@@ -104,9 +116,12 @@ def main() -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--captions", required=True, type=Path, help="R/captions/<split>.jsonl")
     parser.add_argument("--out", required=True, type=Path, help="R/latents/<split>.safetensors")
+    parser.add_argument("--allow-empty", action="store_true",
+                        help="one shard of a split (xfusion.shards): no usable record writes an "
+                             "empty file instead of stopping")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shape = encode_split(args.captions, args.out, load_run(args.config), device)
+    shape = encode_split(args.captions, args.out, load_run(args.config), device, args.allow_empty)
     print(f"wrote {shape} latents to {args.out}")
 
 

@@ -30,6 +30,7 @@ from xfusion import config_check
 from xfusion.config import ALIGN_ENCODER, JUDGE_NAMES, SCORECARD, ConfigError, config_schema
 from xfusion.config import experiment_recipe, experiments_from_dict, load_yaml, recipe_hash
 from xfusion.config import run_from_dict
+from xfusion.shards import n_shards, shard_name
 from xfusion.io import atomic_write_text
 
 
@@ -323,6 +324,33 @@ def aggregate_flags(wildcards, input):
     if input.get("captions"):
         flags.append("--caption-metrics " + " ".join(input.captions))
     return " ".join(flags)
+
+
+# ---- the sharded data stage (xfusion.shards; rules in data.smk) ---------------------------------
+
+
+def split_shards(split):
+    """The shard names of a split: 000000, 000001, … (xfusion.shards.n_shards). The coco split
+    holds the coco rule's sample of evaluation.n_samples images (xfusion.data.coco)."""
+    size = {"train": RECIPE.data.n_train, "heldout": RECIPE.data.n_heldout,
+            "coco": RECIPE.evaluation.n_samples}[split]
+    return [shard_name(k) for k in range(n_shards(size, RECIPE.data.captioner.shard_size))]
+
+
+def caption_shard(split, shard):
+    return f"{R}/captions/shards/{split}/{shard}.jsonl"
+
+
+def latents_shard(split, shard):
+    return f"{R}/latents/shards/{split}/{shard}.safetensors"
+
+
+def shard_files(path, split):
+    """`path(split, shard)` and its bad-input report for every shard of the split."""
+    files = [path(split, s) for s in split_shards(split)]
+    # xfusion.data.report_path, without importing torch at every parse
+    reports = [str(Path(f).with_name(f"{Path(f).stem}.bad_inputs.json")) for f in files]
+    return {"shards": files, "reports": reports}
 
 
 # ---- the findings scorecard (eval.findings) ----------------------------------------------------

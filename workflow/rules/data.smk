@@ -82,25 +82,57 @@ if coco_eval():
             "{params.py} -m xfusion.data.coco --config {params.config} --train {params.train} --out {params.out} > {log} 2>&1"
 
 
+# The sharded data stage (xfusion.shards): captioning and encoding run as one job per shard of
+# data.captioner.shard_size images, the shard count of each split computed from the config at
+# parse time (data.n_train, data.n_heldout; evaluation.n_samples for coco), so a dry run lists
+# every shard job; each split's shards are gathered into R/captions/<split>.jsonl and
+# R/latents/<split>.safetensors, which every downstream rule reads as before. A killed run
+# reruns only the shards without output.
+
+
 rule caption:
-    """Long captions per split (the InternVL step; the scene record at tiny scale)."""
+    """Long captions of one shard of a split (the InternVL step; the scene record at tiny scale)."""
     input:
         scenes=f"{R}/world/{{split}}/scenes.jsonl",
         images=f"{R}/world/{{split}}/images",
     output:
-        f"{R}/captions/{{split}}.jsonl",
+        captions=caption_shard("{split}", "{shard}"),
+        report=f"{R}/captions/shards/{{split}}/{{shard}}.bad_inputs.json",
+    wildcard_constraints:
+        shard=r"\d{6}",
     params:
         py=PY,
         config=CONFIG,
+        of=lambda wc: len(split_shards(wc.split)),
         recipe=recipe("caption"),
     conda:
         CONDA_ENV
     log:
-        log("caption", "{split}"),
+        log("caption", "{split}/{shard}"),
     benchmark:
-        bench("caption", "{split}")
+        bench("caption", "{split}/{shard}")
     shell:
-        "{params.py} -m xfusion.caption --config {params.config} --scenes {input.scenes} --out {output} > {log} 2>&1"
+        "{params.py} -m xfusion.caption --config {params.config} --scenes {input.scenes} --shard {wildcards.shard} --of {params.of} --out {output.captions} > {log} 2>&1"
+
+
+rule caption_gather:
+    """A split's caption shards, in order, as one file; their bad-input reports summed."""
+    input:
+        unpack(lambda wc: shard_files(caption_shard, wc.split)),
+    output:
+        captions=f"{R}/captions/{{split}}.jsonl",
+        report=f"{R}/captions/{{split}}.bad_inputs.json",
+    params:
+        py=PY,
+        recipe=recipe("caption_gather"),
+    conda:
+        CONDA_ENV
+    log:
+        log("caption_gather", "{split}"),
+    benchmark:
+        bench("caption_gather", "{split}")
+    shell:
+        "{params.py} -m xfusion.gather captions --shards {input.shards} --out {output.captions} > {log} 2>&1"
 
 
 rule tokenizer:
@@ -126,12 +158,15 @@ rule tokenizer:
 
 
 rule latents:
-    """Encode a split with the image codec once; every run trains on these latents."""
+    """Encode one shard of a split with the image codec once; every run trains on these latents."""
     input:
-        captions=f"{R}/captions/{{split}}.jsonl",
+        captions=caption_shard("{split}", "{shard}"),
         images=f"{R}/world/{{split}}/images",
     output:
-        f"{R}/latents/{{split}}.safetensors",
+        latents=latents_shard("{split}", "{shard}"),
+        report=f"{R}/latents/shards/{{split}}/{{shard}}.bad_inputs.json",
+    wildcard_constraints:
+        shard=r"\d{6}",
     params:
         py=PY,
         config=CONFIG,
@@ -139,11 +174,31 @@ rule latents:
     conda:
         CONDA_ENV
     log:
-        log("latents", "{split}"),
+        log("latents", "{split}/{shard}"),
     benchmark:
-        bench("latents", "{split}")
+        bench("latents", "{split}/{shard}")
     shell:
-        "{params.py} -m xfusion.latents --config {params.config} --captions {input.captions} --out {output} > {log} 2>&1"
+        "{params.py} -m xfusion.latents --config {params.config} --captions {input.captions} --allow-empty --out {output.latents} > {log} 2>&1"
+
+
+rule latents_gather:
+    """A split's latent shards, in order, as one file; their bad-input reports summed."""
+    input:
+        unpack(lambda wc: shard_files(latents_shard, wc.split)),
+    output:
+        latents=f"{R}/latents/{{split}}.safetensors",
+        report=f"{R}/latents/{{split}}.bad_inputs.json",
+    params:
+        py=PY,
+        recipe=recipe("latents_gather"),
+    conda:
+        CONDA_ENV
+    log:
+        log("latents_gather", "{split}"),
+    benchmark:
+        bench("latents_gather", "{split}")
+    shell:
+        "{params.py} -m xfusion.gather latents --shards {input.shards} --out {output.latents} > {log} 2>&1"
 
 
 # The linear probe's labelled images (Supp. C.3: ImageNet): data.probe.{train,val}_dir in
@@ -193,3 +248,4 @@ rule probe_data:
         bench("probe_data", "{probe_split}")
     shell:
         "{params.py} -m xfusion.probe_data --config {params.config} --images {params.images} --out {output} > {log} 2>&1"
+

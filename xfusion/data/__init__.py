@@ -118,13 +118,18 @@ def report_path(out: str | Path, is_dir: bool = False) -> Path:
     return out / "bad_inputs.json" if is_dir else out.with_name(out.stem + ".bad_inputs.json")
 
 
-def read_records(path: str | Path, bad: BadInputs,
-                 keys: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
+def read_records(path: str | Path, bad: BadInputs, keys: tuple[str, ...] = (),
+                 lines: range | None = None) -> list[tuple[int, dict]]:
     """(line number, record) of each line of the jsonl at `path` that is a UTF-8 JSON object
-    holding `keys`; any other non-blank line is a bad input named by its line."""
+    holding `keys`; any other non-blank line is a bad input named by its line. `lines`: only
+    these (1-based) line numbers are read (one shard's, xfusion.shards), the others passed over."""
     records = []
     with open(path, "rb") as fh:  # bytes: one undecodable line must not hide the others
         for n, raw in enumerate(fh, start=1):
+            if lines is not None and n not in lines:
+                if n >= lines.stop:
+                    break
+                continue
             try:
                 line = raw.decode("utf-8")
                 if not line.strip():
