@@ -188,7 +188,8 @@ def test_paper_plan_has_245_gpu_caption_and_latents_jobs_for_a_million_images(pa
 # ---- a killed sharded caption run ------------------------------------------------------------
 
 # Runs every entry point for real, except the caption job of shard 1 while KILLED does not exist
-# yet: it waits until the other shards of the split are written (two jobs run at once), leaves
+# yet: it waits until the other shards of the split are written and recorded finished by
+# Snakemake (two jobs run at once), leaves
 # the temp file a kill leaves behind, creates KILLED and hangs there, to be killed with the run.
 HANG = r'''
 import os, sys, time
@@ -201,6 +202,12 @@ if args[1] == "xfusion.caption" and int(args[args.index("--shard") + 1]) == 1:
     if not killed.exists():
         deadline = time.time() + 240
         while not all(p.exists() for p in others) and time.time() < deadline:
+            time.sleep(0.2)
+        # a shard's file exists before Snakemake records its job as finished: wait until only
+        # this job's incomplete marker is left (the working directory is the run's), or a kill
+        # now would rightly leave shard 2 incomplete too
+        markers = Path(".snakemake") / "incomplete"
+        while markers.is_dir() and len(list(markers.iterdir())) > 1 and time.time() < deadline:
             time.sleep(0.2)
         (out.parent / f".{out.name}.half.partial").write_text("{}\n")
         killed.write_text("hanging")
