@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from xfusion.data import report_path
+from xfusion.data import BadInputs, report_path
 from xfusion.io import atomic_path, atomic_write_json
 from xfusion.latents import save_latents
 
 
-def merge_reports(shards: list[Path], out: Path) -> dict:
+def merge_reports(shards: list[Path], out: Path) -> None:
     """Sum the bad-input reports of `shards` (each `report_path(shard)`) into `report_path(out)`."""
     reports = []
     for shard in shards:
@@ -38,20 +37,11 @@ def merge_reports(shards: list[Path], out: Path) -> dict:
     if len(policies) > 1:
         raise SystemExit(f"{out}: its shards ran under different data.bad_input_policy values "
                          f"{sorted(policies)}; rerun them with one config")
-    counts: dict[str, int] = {}
-    for r in reports:
-        for kind, n in r["counts"].items():
-            counts[kind] = counts.get(kind, 0) + n
-    merged = {"policy": policies.pop() if policies else "skip",
-              "n_bad": sum(r["n_bad"] for r in reports), "counts": counts,
-              "items": [item for r in reports for item in r["items"]],
-              "per_shard": [{"shard": str(s), "n_bad": r["n_bad"]}
-                            for s, r in zip(shards, reports)]}
-    atomic_write_json(report_path(out), merged)
-    if merged["n_bad"]:
-        print(f"{merged['n_bad']} bad inputs left out over {len(shards)} shards {counts}; see "
-              f"{report_path(out)}", file=sys.stderr)
-    return merged
+    # the report format and its counts are BadInputs'; the shards' items, in shard order
+    merged = BadInputs(policies.pop() if policies else "skip",
+                       [item for r in reports for item in r["items"]])
+    merged.finish(report_path(out), extra={"per_shard": [
+        {"shard": str(s), "n_bad": r["n_bad"]} for s, r in zip(shards, reports)]})
 
 
 def gather_captions(shards: list[Path], out: Path) -> int:

@@ -103,10 +103,11 @@ class BadInputs:
             out[kind] = out.get(kind, 0) + 1
         return out
 
-    def finish(self, report: str | Path) -> None:
+    def finish(self, report: str | Path, extra: dict | None = None) -> None:
+        """Write the report (`extra`: more keys, e.g. a gathered split's `per_shard`)."""
         counts = self.counts()
         atomic_write_json(report, {"policy": self.policy, "n_bad": len(self.items),
-                                   "counts": counts, "items": self.items})
+                                   "counts": counts, "items": self.items, **(extra or {})})
         if self.items:
             print(f"skipped {len(self.items)} bad inputs {counts}; see {report}", file=sys.stderr)
 
