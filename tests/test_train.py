@@ -131,8 +131,9 @@ def test_stream_is_addressed_by_step_and_mixes_by_ratio(world):
 
 
 def test_stream_draws_noisy_i2t_times_from_the_truncated_t2i_distribution(world, tmp_path):
-    """training.i2t_noise_max 0.5 with logit-normal T2I times: I2T t in [0, 0.5], with the median
-    of the logit-normal truncated there, sigmoid(Phi^-1(0.25)), not uniform's 0.25."""
+    """training.i2t_noise_max 0.5 with logit-normal(m, s) T2I times: I2T t in [0, 0.5], with the
+    median of the logit-normal truncated there, sigmoid(m + s Phi^-1(Phi(-m / s) / 2)) (0.337 at
+    SD3's m = 0, s = 1), not uniform's 0.25."""
     raw = apply_overrides(load_yaml(world["config"]), {"training.i2t_noise_max": 0.5})
     config = tmp_path / "noisy.yaml"
     config.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -143,7 +144,9 @@ def test_stream_draws_noisy_i2t_times_from_the_truncated_t2i_distribution(world,
     plans = [stream.plan(s) for s in range(400)]
     t = torch.cat([p.t[~p.is_t2i] for p in plans])
     assert len(t) > 400 and (t > 0).all() and (t <= 0.5).all()
-    median = torch.sigmoid(torch.special.ndtri(torch.tensor(0.25))).item()  # 0.337
+    m, s = cfg.training.timestep_logit_mean, cfg.training.timestep_logit_std
+    half = torch.special.ndtr(torch.tensor(-m / s)) / 2  # F(0.5) / 2, as logit(0.5) = 0
+    median = torch.sigmoid(m + s * torch.special.ndtri(half)).item()
     assert abs(t.median().item() - median) < 0.03
 
 
