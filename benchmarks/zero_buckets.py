@@ -9,7 +9,7 @@ deterministic algorithms (the pretraining's `pin_numerics`) torch fills every ne
 pretraining (config/tiny.yaml's base LM, batch 16 x 256 tokens, one thread) put 2/3 of its step
 there (the fill kernel, page faults, setup_buckets). Both engines train the same weights bit for bit (tests/test_engine.py); only the
 time differs. The two are timed interleaved (benchmarks.common.interleaved) in one process, as
-the pretraining runs (pin_numerics: one thread, deterministic algorithms), and once more
+the pretraining runs (pin_numerics: its pinned threads, deterministic algorithms), and once more
 without deterministic algorithms, as X-Fusion training runs.
 
 `python -m benchmarks.zero_buckets` prints `ratio zero_buckets.pretrain_step.default/sized <x>`

@@ -195,9 +195,9 @@ def test_pin_numerics_restores_the_process_settings():
 @pytest.mark.timeout(3600)
 def test_tiny_base_lm_beats_chance_on_tiny_mmlu(tmp_path):
     """The tiny recipe of config/tiny.yaml, run as users run it: the DAG's own base_lm target
-    (world -> captions -> tokenizer -> pretraining, one thread as Snakemake gives the rule).
+    (world -> captions -> tokenizer -> pretraining, two threads as Snakemake gives the rule).
     Measured on this recipe (2000 steps): 0.925 on 160 items on an AMD EPYC (chance 0.25, one
-    standard deviation 0.034); the 1000-step recipe before it gave 0.381 on an earlier machine
+    standard deviation 0.034), on one thread and on two (the same weights there); the 1000-step recipe before it gave 0.381 on an earlier machine
     and 0.294 on that AMD one."""
     start = time.perf_counter()
     target = "results/tiny/base_lm/tiny_base/base_model.json"

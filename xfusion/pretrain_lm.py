@@ -64,9 +64,13 @@ from xfusion.tokenizer import ANSWER_LETTERS, load_tokenizer
 
 
 # Intra-op threads of the pretraining, whatever the machine or OMP_NUM_THREADS says: the thread
-# count changes how reductions are split, hence the weights (see the module docstring). One, as
-# Snakemake gives the base_lm rule (workflow/rules/base.smk `threads: 1`).
-PRETRAIN_THREADS = 1
+# count can change how reductions are split, hence the weights (see the module docstring). Two,
+# as Snakemake gives the base_lm rule (workflow/rules/base.smk `threads: 2`): the base LM is the
+# demo's critical path. config/tiny.yaml's 2000 steps took 982 s on two threads of an idle AMD
+# EPYC, against about 33 min on one, and gave the one-thread run's weights bit for bit (MKL's
+# STRICT mode; measured once, not promised on other CPUs). A one-core machine runs the same two
+# threads, slower.
+PRETRAIN_THREADS = 2
 # x86 kernel families pinned for the process (set before the first kernel runs): ATen's CPU
 # dispatch and MKL's code path (CNR mode), so AVX-512 and AVX2 Intel machines compute the same
 # bits (an AMD CPU takes MKL's AUTO branch instead: the module docstring).

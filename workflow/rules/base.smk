@@ -25,10 +25,10 @@ rule base_lm:
         log("base_lm", "{base}"),
     benchmark:
         bench("base_lm", "{base}")
-    # One core for Snakemake's scheduling; the pretraining pins its own intra-op threads
-    # (xfusion.pretrain_lm.PRETRAIN_THREADS = 1) whatever OMP_NUM_THREADS this sets, because the
-    # thread count changes the weights: raising this would only idle the extra cores.
-    threads: 1
+    # Two cores, the pretraining's own intra-op threads (xfusion.pretrain_lm.PRETRAIN_THREADS = 2,
+    # pinned whatever OMP_NUM_THREADS this sets, because the thread count changes the weights): the
+    # base LM is the critical path of a fresh DAG, when nothing else can run beside it.
+    threads: 2
     # Critical path first: the base that most runs wait on pretrains before the others (unranked,
     # a fresh `make demo` started Fig. B's side bases tiny_s and tiny_l, 2 runs waiting on each,
     # before tiny_base, on which the other runs wait).
