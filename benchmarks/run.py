@@ -18,7 +18,7 @@ from pathlib import Path
 
 from xfusion.io import atomic_write_text
 
-BENCHMARKS = ("flops", "step_time", "sampling", "vae_calls", "zero_buckets")
+BENCHMARKS = ("flops", "step_time", "sampling", "vae_calls", "zero_buckets", "pretrain_threads")
 HERE = Path(__file__).resolve().parent
 
 
