@@ -29,7 +29,7 @@ from eval.findings import tables_read
 from xfusion import config_check
 from xfusion.config import ALIGN_ENCODER, JUDGE_NAMES, SCORECARD, ConfigError, config_schema
 from xfusion.config import experiment_recipe, experiments_from_dict, load_yaml, recipe_hash
-from xfusion.config import run_from_dict
+from xfusion.config import VARIANTS, run_from_dict
 from xfusion.shards import n_shards, shard_name
 from xfusion.io import atomic_write_text
 
@@ -112,6 +112,24 @@ BASES = sorted({base_of(run) for run in RUNS})
 BASE_RUN = {base: next(r for r in RUNS if base_of(r) == base) for base in BASES}  # --run for base_lm
 
 
+def dit_of(run):
+    """The pretrained DiT of an x_fuse_dit run (rule dit), else None."""
+    model = RUNS[run].model
+    return model.dit.name if VARIANTS[model.architecture].dit else None
+
+
+DITS = sorted({dit_of(run) for run in RUNS} - {None})
+DIT_RUN = {dit: next(r for r in RUNS if dit_of(r) == dit) for dit in DITS}  # --run for dit
+
+
+def dit_input(run):
+    return [f"{R}/dit/{dit_of(run)}/dit_model.json"] if dit_of(run) else []
+
+
+def dit_flag(run):
+    return f"--dit {dit_input(run)[0]}" if dit_of(run) else ""
+
+
 def world_source():
     """The tiny world's generator writes the data (and scene records): data.source == world."""
     return config["data"]["source"] == "world"
@@ -142,6 +160,7 @@ def alternation(names):
 wildcard_constraints:
     run=alternation(RUNS),
     base=alternation(BASES),
+    dit=alternation(DITS),
     experiment=alternation(EXPERIMENTS),
     step=r"\d+",
     split="|".join(SPLITS),

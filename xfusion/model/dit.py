@@ -34,6 +34,9 @@ normalization.py (AdaLayerNormZero); Peebles & Xie 2023 (DiT, adaLN-Zero).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings
@@ -166,3 +169,15 @@ def load_mmdit_(model: nn.Module, path: str, subfolder: str | None = None) -> in
     for mine, theirs in zip(ours, dit.transformer_blocks):
         mine.load_from(theirs)
     return len(ours)
+
+
+def load_dit_json_(model: nn.Module, dit_json: str | Path) -> int:
+    """Load the DiT a dit_model.json names (xfusion.pretrain_dit) into `model`'s vision tower.
+    A relative path is taken from the current directory first, then from the json's own."""
+    dit_json = Path(dit_json)
+    ref = json.loads(dit_json.read_text())
+    if "path" not in ref:
+        raise KeyError(f"{dit_json}: missing key 'path' (python -m xfusion.pretrain_dit writes it)")
+    path = next((str(p.resolve()) for p in (Path(ref["path"]), dit_json.parent / ref["path"])
+                 if p.exists()), ref["path"])  # else a hub id
+    return load_mmdit_(model, path, ref.get("subfolder"))
