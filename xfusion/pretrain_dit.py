@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import SD3Transformer2DModel
-from safetensors.torch import save_file
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -42,6 +42,7 @@ from xfusion.data.mixing import read_captions
 from xfusion.engine import Engine, rank
 from xfusion.io import atomic_dir, atomic_write_json
 from xfusion.latents import load_latents
+from xfusion.model.sequence import encode_captions
 from xfusion.model.flow import add_noise, sample_t, to_timestep, velocity_target
 from xfusion.model.xfusion import T_MIN
 from xfusion.pretrain_lm import NUMERICS_ENV, pin_numerics
@@ -109,8 +110,7 @@ def _pretrain(cfg: RunConfig, tokenizer_dir: Path, latents_path: Path, captions_
     torch.manual_seed(t_cfg.seed)
     tok = load_tokenizer(tokenizer_dir)
     latents, ids = load_latents(latents_path)  # (N, C, h, w)
-    captions = [tok(c, add_special_tokens=False)["input_ids"][:cfg.data.max_caption_tokens]
-                for c in read_captions(captions_path, ids)]
+    captions = encode_captions(tok, read_captions(captions_path, ids), cfg.data.max_caption_tokens)
     model = TinyTextToImageDiT(cfg, len(tok), tuple(latents.shape[-2:]))
     training = dataclasses.replace(t_cfg, steps=dit.pretrain_steps, lr=dit.pretrain_lr,
                                    warmup_steps=dit.pretrain_warmup_steps)
@@ -166,6 +166,38 @@ def _pretrain(cfg: RunConfig, tokenizer_dir: Path, latents_path: Path, captions_
         os.replace(out / ".text_embed.tmp.safetensors", out / "text_embed.safetensors")
         atomic_write_json(out / DIT_FILE, result)
     return result
+
+
+def load_tiny_dit(dit_dir: Path, cfg: RunConfig, vocab_size: int,
+                  latent_hw: tuple[int, int]) -> TinyTextToImageDiT:
+    """The DiT and text encoder that `pretrain` wrote to `dit_dir` (R/dit/<name>)."""
+    model = TinyTextToImageDiT(cfg, vocab_size, latent_hw)
+    model.transformer = SD3Transformer2DModel.from_pretrained(dit_dir / "hf")
+    text = load_file(str(dit_dir / "text_embed.safetensors"))
+    with torch.no_grad():
+        model.text_embed.weight.copy_(text["text_embed"])
+        model.pool.weight.copy_(text["pool"])
+    return model.eval()
+
+
+@torch.no_grad()
+def generate(model: TinyTextToImageDiT, prompt_ids: list[list[int]], pad: int,
+             noise: torch.Tensor, steps: int, cfg_scale: float, shift: float) -> torch.Tensor:
+    """Latents (B, C, h, w) from `noise` for B prompts: the Euler flow sampler of
+    xfusion.sample.generate_images with classifier-free guidance on the dropped caption."""
+    ids, keep = caption_batch(prompt_ids, pad)
+    null_ids, null_keep = caption_batch([[]] * len(prompt_ids), pad)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(steps)
+    x = noise.float()
+    for i, timestep in enumerate(scheduler.timesteps):
+        t = scheduler.sigmas[i].expand(len(x))  # sigma = our t
+        v = model(x, t, ids, keep)
+        if cfg_scale != 1.0:
+            v_null = model(x, t, null_ids, null_keep)
+            v = v_null + cfg_scale * (v - v_null)
+        x = scheduler.step(v, timestep, x).prev_sample
+    return x
 
 
 def main() -> None:

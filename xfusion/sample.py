@@ -158,10 +158,15 @@ def generate_captions(model: XFusionModel, latents: torch.Tensor, max_new_tokens
 
 
 # -- files ---------------------------------------------------------------------------------------
+def to_image(pixels: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] -> an RGB image."""
+    array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
 def save_pixels(pixels: torch.Tensor, path: Path) -> None:
     """(3, H, W) in [-1, 1] -> an RGB PNG, written atomically without metadata."""
-    array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    save_png(Image.fromarray(array), path)
+    save_png(to_image(pixels), path)
 
 
 def sample_grid(paths: list[Path], columns: int = 4, cell: int = 96) -> Image.Image:

@@ -389,10 +389,26 @@ def scorecard_flags(wildcards, input):
     return " ".join(f"{e}={input[e]}" for e in scorecard_tables(wildcards))
 
 
+def figure7_runs():
+    """X-Fusion Fig. 7's columns, label -> run: the first x_fuse_dit run and vanilla X-Fusion (an
+    x_fuse run of an experiment declaring both, figure8); {} where there is none."""
+    for exp in EXPERIMENTS.values():
+        dit = [r for r in exp.runs if dit_of(r)]
+        vanilla = [r for r in exp.runs if RUNS[r].model.architecture == "x_fuse"]
+        if dit and vanilla:
+            return {"X-Fusion (Pretrained DiT)": dit[0], "X-Fusion": vanilla[0]}
+    return {}
+
+
+FIGURE7 = figure7_runs()
+
+
 def final_targets():
     """Every table and figure of the scale, the findings scorecard, and the copies
     results/<experiment>.csv (results/findings.csv)."""
     names = [*EXPERIMENTS, SCORECARD]
     tables = [table_path(e) for e in names]
     figures = [figure_path(e, ext) for e in [*FIGURES, SCORECARD] for ext in ("png", "pdf")]
+    if FIGURE7:
+        figures += [figure_path("figure7", ext) for ext in ("png", "pdf")]
     return tables + figures + [f"results/{e}.csv" for e in names]
