@@ -34,6 +34,7 @@ normalization.py (AdaLayerNormZero); Peebles & Xie 2023 (DiT, adaLN-Zero).
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -68,11 +69,13 @@ def dit_shape(cfg: DiTConfig) -> TinyDiTConfig:
                          c["joint_attention_dim"], c["pooled_projection_dim"])
 
 
+@functools.lru_cache(maxsize=4)
 def orthonormal(d_text: int, d_vision: int) -> torch.Tensor:
-    """(d_text, d_vision) Q with orthonormal columns (or rows, when d_vision > d_text), fixed."""
+    """(d_text, d_vision) Q with orthonormal columns (or rows, when d_vision > d_text), fixed;
+    on the CPU whatever the default device (a model built on the meta device copies it)."""
     g = torch.Generator().manual_seed(PROJECTION_SEED)
     big, small = max(d_text, d_vision), min(d_text, d_vision)
-    q, _ = torch.linalg.qr(torch.randn(big, small, generator=g))  # (big, small)
+    q, _ = torch.linalg.qr(torch.randn(big, small, generator=g, device="cpu"))  # (big, small)
     return q if d_text >= d_vision else q.T
 
 
