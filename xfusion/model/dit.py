@@ -40,7 +40,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings
+from diffusers.models.embeddings import (CombinedTimestepTextProjEmbeddings, TimestepEmbedding,
+                                         Timesteps)
 from torch import nn
 
 from xfusion.config import DiTConfig, TinyDiTConfig
@@ -80,18 +81,28 @@ def orthonormal(d_text: int, d_vision: int) -> torch.Tensor:
 
 
 class DiTTimeEmbedding(nn.Module):
-    """The DiT's conditioning per row, (B,) t in [0, 1] -> (B, d_v), pooled text at 0."""
+    """The DiT's conditioning per row, (B,) t in [0, 1] -> (B, d_v): its time_text_embed with the
+    pooled text at 0, i.e. the timestep MLP plus the pooled branch's constant output at 0
+    (`null_text`, a learnable vector: a weight that only ever sees 0 would get no gradient)."""
 
     def __init__(self, shape: TinyDiTConfig):
         super().__init__()
         width = shape.num_attention_heads * shape.attention_head_dim
-        self.pooled_dim = shape.pooled_projection_dim
-        self.embed = CombinedTimestepTextProjEmbeddings(width, self.pooled_dim)
+        self.time_proj = Timesteps(num_channels=256, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.timestep_embedder = TimestepEmbedding(in_channels=256, time_embed_dim=width)
+        self.null_text = nn.Parameter(torch.zeros(width))
+
+    @torch.no_grad()
+    def load_from(self, embed: CombinedTimestepTextProjEmbeddings) -> None:
+        self.timestep_embedder.load_state_dict(embed.timestep_embedder.state_dict())
+        pooled = embed.text_embedder.linear_1.weight.new_zeros(1, embed.text_embedder.linear_1
+                                                               .in_features)
+        self.null_text.copy_(embed.text_embedder(pooled)[0])
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        dtype = self.embed.text_embedder.linear_1.weight.dtype
-        pooled = torch.zeros(t.shape[0], self.pooled_dim, dtype=dtype, device=t.device)
-        return self.embed(to_timestep(t.float()), pooled)
+        dtype = self.null_text.dtype
+        return self.timestep_embedder(self.time_proj(to_timestep(t.float())).to(dtype)) \
+            + self.null_text
 
 
 class VisionBlock(nn.Module):
@@ -167,8 +178,7 @@ def load_mmdit_(model: nn.Module, path: str, subfolder: str | None = None) -> in
     if len(ours) != len(dit.transformer_blocks):
         raise ValueError(f"{path} has {len(dit.transformer_blocks)} MMDiT blocks, the vision "
                          f"tower {len(ours)}: set model.dit to the checkpoint's shape")
-    with torch.no_grad():
-        model.vision_time.embed.load_state_dict(dit.time_text_embed.state_dict())
+    model.vision_time.load_from(dit.time_text_embed)
     for mine, theirs in zip(ours, dit.transformer_blocks):
         mine.load_from(theirs)
     return len(ours)
