@@ -156,7 +156,7 @@ def test_paper_dry_run_via_slurm_profile_lists_gpu_training_for_four_architectur
     assert rc == 0, out[-3000:]
     train = jobs(out, "train_run")
     runs = {re.search(r"wildcards: run=(\w+)", b).group(1) for b in train}
-    assert runs == set(ARCHITECTURES) - {"x_fuse"}
+    assert runs == set(ARCHITECTURES) - {"x_fuse", "x_fuse_dit"}  # figure8's, not table1's
     for block in train:
         assert re.search(r"gpu=8\b", block) and "tasks_per_gpu=1" in block and "mpi=srun" in block
         assert "slurm_partition=gpu" in block and "runtime=4320" in block
