@@ -34,6 +34,8 @@ over forward + backward) gives the exact expectation beside each measured time r
 
 `python -m benchmarks.step_time` prints `ratio step_time.<shape>.<variant>/single_tower <x>`,
 `ratio step_time.<shape>.naive_dual_tower/dual_tower <x>`,
+`ratio step_time.<shape>.x_fuse_dit/dual_tower <x>` and `step_flops.<shape>.x_fuse_dit/dual_tower`
+(Sec. 7.2's DiT vision tower, benchmarks.flops.DIT_SHAPES),
 `ratio step_flops.<shape>.<variant>/single_tower <x>`, `ratio mfu.cpu <x>` (or `mfu.cuda`),
 `count peak_mem_mb.<variant> <MB>` (medium shape) and `# ` notes.
 """
@@ -48,11 +50,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import (emit, interleaved, matmul_flops_per_s, median, note,
                                peak_allocated_bytes, tensor_bytes)
+from benchmarks.flops import DIT_SHAPES
 from benchmarks.flops import SHAPES as FLOPS_SHAPES
 from benchmarks.flops import build
 from xfusion.model import Sample, XFusionModel
 
-VARIANTS = ("single_tower", "dual_tower", "naive_dual_tower")
+VARIANTS = ("single_tower", "dual_tower", "naive_dual_tower", "x_fuse_dit")
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (NVIDIA datasheet, no sparsity)
 # name: (Llama shape, latents (C, h, w), caption tokens, samples per batch, timed rounds)
 SHAPES = {
@@ -80,9 +83,9 @@ class Trainer:
     """One variant's model, batch and AdamW; `step()` is one training step."""
 
     def __init__(self, variant: str, shape: dict, latent: tuple, n_caption: int, n: int,
-                 device: torch.device):
+                 device: torch.device, dit: dict | None = None):
         torch.manual_seed(0)
-        self.model = build(variant, shape, latent[0], str(device)).train()
+        self.model = build(variant, shape, latent[0], str(device), dit).train()
         if device.type == "cuda":
             self.model.to(torch.bfloat16)  # bf16 weights, as the engine's bf16 mode
         t = self.model.cfg.training
@@ -129,7 +132,8 @@ def matmul_share(trainer: Trainer) -> float:
 def time_shape(name: str, spec: tuple, device: torch.device, dtype: torch.dtype):
     """Ratio lines of one shape; returns the trainers and the medians (s) and mm ceiling."""
     shape, latent, n_caption, n, rounds = spec
-    trainers = {v: Trainer(v, shape, latent, n_caption, n, device) for v in VARIANTS}
+    trainers = {v: Trainer(v, shape, latent, n_caption, n, device, DIT_SHAPES.get(name))
+                for v in VARIANTS}
     ceilings: list[float] = []
     fns = {v: tr.step for v, tr in trainers.items()}
     n_mm = 8192 if device.type == "cuda" else 1024
@@ -138,11 +142,13 @@ def time_shape(name: str, spec: tuple, device: torch.device, dtype: torch.dtype)
     med = {v: median(times[v]) for v in VARIANTS}
     for v in ("dual_tower", "naive_dual_tower"):
         emit("ratio", f"step_time.{name}.{v}/single_tower", med[v] / med["single_tower"])
-    emit("ratio", f"step_time.{name}.naive_dual_tower/dual_tower",
-         med["naive_dual_tower"] / med["dual_tower"])
+    for v in ("naive_dual_tower", "x_fuse_dit"):
+        emit("ratio", f"step_time.{name}.{v}/dual_tower", med[v] / med["dual_tower"])
     flops = {v: tr.flops() for v, tr in trainers.items()}
     for v in ("dual_tower", "naive_dual_tower"):
         emit("ratio", f"step_flops.{name}.{v}/single_tower", flops[v] / flops["single_tower"])
+    emit("ratio", f"step_flops.{name}.x_fuse_dit/dual_tower",
+         flops["x_fuse_dit"] / flops["dual_tower"])
     note(f"step_time.{name}: {trainers['dual_tower'].tokens()} tokens/step, median of {rounds} "
          f"interleaved rounds, seconds: " + ", ".join(f"{v} {med[v]:.4f}" for v in VARIANTS))
     return trainers, med, median(ceilings[1:] or ceilings)  # round 0 is the warm-up

@@ -95,7 +95,7 @@ def test_table1_runs_cover_the_four_architectures():
     table1 = TINY["experiments"]["table1"]["runs"]
     archs = {resolve_run(TINY, name).model.architecture for name in table1}
     assert archs == {"single_tower", "gated_tower", "dual_projection", "dual_tower"}
-    assert set(ARCHITECTURES) == archs | {"x_fuse"}
+    assert set(ARCHITECTURES) == archs | {"x_fuse", "x_fuse_dit"}  # figure8's
 
 
 def test_overrides_apply_dotted_keys_without_touching_the_base():
@@ -120,6 +120,8 @@ def test_run_config_json_round_trip():
         ({"training.betas": [0.9]}, "training.betas"),
         ({"data.image_size": 30}, "data.image_size"),
         ({"training.learning_rate": 1e-3}, "learning_rate"),
+        ({"model.dit.source": "pretrained"}, "model.dit.path"),
+        ({"model.dit.tiny.num_layers": 0}, "model.dit.tiny.num_layers"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
@@ -211,3 +213,15 @@ def test_repa_with_the_align_encoder_makes_its_recipe_part_of_the_train_recipe()
 def test_the_i2t_denoise_loss_switch_is_part_of_the_train_recipe_only():
     assert job_config(resolve_run(TINY, "noise_50"), "train_run")["training.i2t_denoise_loss"]
     assert _changed({"training.i2t_denoise_loss": False}, run="noise_50") == {"train_run"}
+
+
+def test_the_dit_recipe_is_part_of_the_train_recipe_of_x_fuse_dit_runs_only():
+    """model.dit is the DiT pretraining's recipe: it reruns that job and the x_fuse_dit runs
+    on it, and no other run (their hashes ignore the section)."""
+    assert resolve_run(TINY, "x_fuse_dit").model.architecture == "x_fuse_dit"
+    steps = {"model.dit.pretrain_steps": 7}
+    assert _changed(steps, run="x_fuse_dit") == {"dit", "train_run"}
+    assert _changed(steps, run="x_fuse") == {"dit"}
+    assert _changed({"model.dit.tiny.num_layers": 3}, run="x_fuse_dit") == {"dit", "train_run"}
+    assert not any(k.startswith("model.dit") for k in job_config(resolve_run(TINY, "x_fuse"),
+                                                                  "train_run"))

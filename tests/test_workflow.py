@@ -156,7 +156,7 @@ def test_paper_dry_run_via_slurm_profile_lists_gpu_training_for_four_architectur
     assert rc == 0, out[-3000:]
     train = jobs(out, "train_run")
     runs = {re.search(r"wildcards: run=(\w+)", b).group(1) for b in train}
-    assert runs == set(ARCHITECTURES) - {"x_fuse"}
+    assert runs == set(ARCHITECTURES) - {"x_fuse", "x_fuse_dit"}  # figure8's, not table1's
     for block in train:
         assert re.search(r"gpu=8\b", block) and "tasks_per_gpu=1" in block and "mpi=srun" in block
         assert "slurm_partition=gpu" in block and "runtime=4320" in block
@@ -272,6 +272,11 @@ elif module == "xfusion.data.world_probe":
         (out / split).mkdir(parents=True, exist_ok=True)
 elif module == "xfusion.pretrain_lm":
     write(out / "base_model.json")
+elif module == "xfusion.pretrain_dit":
+    write(out / "dit_model.json")
+elif module == "eval.figure7":
+    for path in rest[rest.index("--out") + 1:]:
+        write(Path(path))
 elif module == "xfusion.train":
     import yaml  # the recipe's eval steps (no run of these experiments overrides them)
     steps = yaml.safe_load(Path(opt("--config")).read_text())["training"]["eval_steps"]
@@ -422,7 +427,7 @@ def test_findings_scorecard_is_computed_from_the_configs_tables(executed, tmp_pa
     names = [f.name for f in declared(load_yaml(ROOT / "reference" / "findings.yaml"))]
     assert card.finding.tolist() == names
     absent = card[card.finding.str.startswith(("figure6", "figure8", "figureB", "figureD"))]
-    assert len(absent) == 6 and (absent.verdict == "inconclusive").all()
+    assert len(absent) == 8 and (absent.verdict == "inconclusive").all()
     assert absent.note.str.contains("not measured here").all()
     measured = card[card.finding.str.startswith(("table1", "figure5"))]
     assert measured.effect.notna().all() and measured.seeds.str.startswith("3").all()

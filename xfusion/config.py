@@ -40,6 +40,7 @@ class Variant:
     trains_text: bool  # the Llama weights train too; else frozen (requires_grad=False, hash checked)
     preserves_text: bool  # text-only input gives exactly the base LLM's output (MMLU is reused)
     gated: bool = False  # a gamma-gated copy: model.gate_text extends the gate to text positions
+    dit: bool = False  # the vision tower is a pretrained diffusion transformer's (model.dit)
 
 
 # The registry of block variants, in the paper's order: the schema enum, config validation, the
@@ -52,6 +53,10 @@ VARIANTS = {
     # dual_tower with the X-Fuse mixing of Section 4: the text weights stay frozen, but the text
     # tokens' alpha/beta train, so text outputs move and MMLU must be measured.
     "x_fuse": Variant("XFuse", trains_text=False, preserves_text=False),
+    # Sec. 7.2 "X-Fusion (Pretrained DiT)": the vision tower is the image stream of a pretrained
+    # MMDiT of its own width and depth (model.dit); X-Fuse mixing on image queries only, so text
+    # is preserved (xfusion/model/dit.py).
+    "x_fuse_dit": Variant("XFuseDiT", trains_text=False, preserves_text=True, dit=True),
 }
 ARCHITECTURES = tuple(VARIANTS)
 
@@ -179,6 +184,37 @@ class RepaConfig:
 
 
 @dataclass(frozen=True)
+class TinyDiTConfig:
+    """Shape of the tiny text-to-image MMDiT (diffusers SD3Transformer2DModel) that the pipeline
+    pretrains itself at tiny scale, the stand-in for the paper's in-house DiT."""
+
+    num_layers: int = 2  # vision blocks (the layer map spreads them over the LLM's layers)
+    num_attention_heads: int = 2
+    attention_head_dim: int = 32  # width d_v = heads * head_dim (the tiny Llama's is 128)
+    joint_attention_dim: int = 64  # width of its own text embedding table (its "text encoder")
+    pooled_projection_dim: int = 64  # mean of those embeddings: SD3's pooled text vector
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """x_fuse_dit's vision tower (X-Fusion Sec. 7.2): the image-stream blocks of an
+    SD3Transformer2DModel. `source: tiny` pretrains `tiny` on the world's latents and captions
+    (rule dit, xfusion.pretrain_dit); `source: pretrained` loads `path` (a local directory or a
+    hub id, `subfolder` e.g. "transformer" of a full SD3 pipeline repo)."""
+
+    name: str = "tiny_dit"  # names the R/dit/<name> output dir
+    source: str = "tiny"
+    path: str | None = None
+    subfolder: str | None = None
+    tiny: TinyDiTConfig = field(default_factory=TinyDiTConfig)
+    pretrain_steps: int = 300
+    pretrain_batch_size: int = 32
+    pretrain_lr: float = 1e-3
+    pretrain_warmup_steps: int = 20  # linear warm-up, then cosine decay to 0
+    pretrain_caption_dropout: float = 0.1  # dropped captions: the unconditional branch (pooled 0)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     architecture: str = "dual_tower"
     patch_size: int = 2
@@ -195,6 +231,7 @@ class ModelConfig:
     base_lm: BaseLMConfig = field(default_factory=BaseLMConfig)
     codec: ImageCodecConfig = field(default_factory=ImageCodecConfig)
     repa: RepaConfig = field(default_factory=RepaConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)  # x_fuse_dit's vision tower only
 
 
 def preserves_text(model: ModelConfig) -> bool:
@@ -486,6 +523,14 @@ def validate(run: RunConfig) -> RunConfig:
            f"must be one of {', '.join(PREDICTIONS)}")
     _check(m.image_pos_embed in IMAGE_POS_EMBEDS, "model.image_pos_embed", m.image_pos_embed,
            f"must be one of {', '.join(IMAGE_POS_EMBEDS)}")
+    _check(m.dit.source in ("tiny", "pretrained"), "model.dit.source", m.dit.source,
+           "must be 'tiny' or 'pretrained'")
+    _check(m.dit.source == "tiny" or bool(m.dit.path), "model.dit.path", m.dit.path,
+           "a pretrained DiT needs a local path or hub id of an SD3Transformer2DModel")
+    _check(m.dit.tiny.num_layers >= 1, "model.dit.tiny.num_layers", m.dit.tiny.num_layers,
+           "must be >= 1")
+    _check(0.0 <= m.dit.pretrain_caption_dropout < 1.0, "model.dit.pretrain_caption_dropout",
+           m.dit.pretrain_caption_dropout, "must be in [0, 1)")
     _check(m.repa.layer >= 1, "model.repa.layer", m.repa.layer, "must be >= 1")
     _check(m.repa.projector in REPA_PROJECTORS, "model.repa.projector", m.repa.projector,
            f"must be one of {', '.join(REPA_PROJECTORS)}")
@@ -768,6 +813,7 @@ def run_from_json(text: str) -> RunConfig:
 
 JUDGE_NAMES = ("judge_clip", "judge_itm")  # evaluators that eval.judges trains (tiny scale)
 ALIGN_ENCODER = "align_encoder"  # the REPA target that xfusion.align_encoder trains (tiny scale)
+DIT = "dit"  # x_fuse_dit's pretrained vision tower (xfusion.pretrain_dit trains it at tiny scale)
 
 # Keys that change no trained weight at any step, left out of every hash.
 COSMETIC = (
@@ -828,10 +874,14 @@ READS = {
     "judges": Reads(("seed", "data", "evaluation.judge_*")),
     "attribute_classifier": Reads(("seed", "data", "evaluation.attr_*")),
     "align_encoder": Reads(("seed", "data", "model.repa.feature_dim", "model.repa.align")),
-    # model.repa.align is the align encoder's recipe: read only through it (REPA runs on it).
-    "train_run": Reads(("model", "data", "training"), skip=("model.repa.align",),
-                       evaluators=lambda c: (c.model.repa.encoder,) if c.model.repa.enabled
-                       else ()),
+    # The tiny DiT (x_fuse_dit's vision tower): model.dit, on the world's latents and captions.
+    "dit": Reads(("model.dit", "data", "model.codec", *_PRETRAIN_ENGINE)),
+    # model.repa.align is the align encoder's recipe: read only through it (REPA runs on it);
+    # model.dit likewise the DiT's, read only by x_fuse_dit runs (other runs' hashes ignore it).
+    "train_run": Reads(("model", "data", "training"), skip=("model.repa.align", "model.dit"),
+                       evaluators=lambda c: ((c.model.repa.encoder,) if c.model.repa.enabled
+                                             else ()) + ((DIT,) if VARIANTS[
+                                                 c.model.architecture].dit else ())),
     "sample_t2i": Reads((*_SAMPLING, "evaluation.sample_steps", "evaluation.cfg_scale",
                          "evaluation.sample_shift")),
     "sample_i2t": Reads((*_SAMPLING, "evaluation.caption_max_tokens", "evaluation.top_p")),
@@ -888,6 +938,8 @@ def _read_keys(cfg: RunConfig, job: str, keys) -> set[str]:
         out |= _read_keys(cfg, "judges", keys)
     if ALIGN_ENCODER in names:
         out |= _read_keys(cfg, "align_encoder", keys)
+    if DIT in names:
+        out |= _read_keys(cfg, DIT, keys)
     return out
 
 

@@ -87,12 +87,12 @@ def generate_images(model: XFusionModel, prompt_ids: list[list[int]], steps: int
         t = scheduler.sigmas[i].expand(n)  # sigma = our t
         tokens = model.image_io.encode(torch.cat([x, x]) if guided else x, t)  # (n, P, D)
         if cache is not None:
-            h_image, _ = model.forward_chunk(tokens, image, image.long(), image, cache)
+            h_image, _ = model.forward_chunk(tokens, image, image.long(), image, cache, t=t)
         else:
             hidden, _ = model.forward_chunk(torch.cat([prefix_embeds, tokens], 1),
                                             torch.cat([text, image], 1),
                                             torch.cat([text, image], 1).long(),
-                                            torch.cat([prefix_valid, image], 1))
+                                            torch.cat([prefix_valid, image], 1), t=t)
             h_image = hidden[:, -P:]
         v = model.velocity(h_image, (h, w), torch.cat([x, x]) if guided else x,
                            t).float()  # (n, C, h, w)
@@ -129,11 +129,12 @@ def generate_captions(model: XFusionModel, latents: torch.Tensor, max_new_tokens
     seq_ids = torch.tensor([row] * B, device=device)
     image = torch.zeros_like(seq_ids, dtype=torch.bool)
     image[:, len(before):len(before) + P] = True
-    tokens = model.image_io.encode(latents, torch.zeros(B, device=device))  # clean: t = 0
+    t = torch.zeros(B, device=device)  # clean
+    tokens = model.image_io.encode(latents, t)
     embeds = model.embed(seq_ids, image, tokens)
     valid = torch.ones_like(image)
     cache = KVCache() if kv_cache else None
-    hidden, _ = model.forward_chunk(embeds, image, image.long(), valid, cache)
+    hidden, _ = model.forward_chunk(embeds, image, image.long(), valid, cache, t=t)
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool)
     one_text = torch.zeros(B, 1, dtype=torch.bool, device=device)
@@ -152,15 +153,20 @@ def generate_captions(model: XFusionModel, latents: torch.Tensor, max_new_tokens
         else:  # the reference: the whole sequence again
             embeds, image = torch.cat([embeds, new], 1), torch.cat([image, one_text], 1)
             valid = torch.ones_like(image)
-            hidden, _ = model.forward_chunk(embeds, image, image.long(), valid)
+            hidden, _ = model.forward_chunk(embeds, image, image.long(), valid, t=t)
     return out
 
 
 # -- files ---------------------------------------------------------------------------------------
+def to_image(pixels: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] -> an RGB image."""
+    array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
 def save_pixels(pixels: torch.Tensor, path: Path) -> None:
     """(3, H, W) in [-1, 1] -> an RGB PNG, written atomically without metadata."""
-    array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    save_png(Image.fromarray(array), path)
+    save_png(to_image(pixels), path)
 
 
 def sample_grid(paths: list[Path], columns: int = 4, cell: int = 96) -> Image.Image:

@@ -1,6 +1,6 @@
 """Train one X-Fusion variant on stored latents: a flat loop, the engine applied from outside.
 
-`python -m xfusion.train --config C --run RUN --base-lm R/base_lm/<name>/base_model.json --latents R/latents/train.safetensors --captions R/captions/train.jsonl [--judges R/judges] [--align-encoder R/align_encoder] --out R/runs/RUN`
+`python -m xfusion.train --config C --run RUN --base-lm R/base_lm/<name>/base_model.json --latents R/latents/train.safetensors --captions R/captions/train.jsonl [--judges R/judges] [--align-encoder R/align_encoder] [--dit R/dit/<name>/dit_model.json] --out R/runs/RUN`
 
 Writes into `--out` (docs/INTERFACES.md): `recipe.json` (the train recipe hash and the values
 it covers), `steps/<step>/` (a model dir per `training.eval_steps`), `checkpoints/step_<N>/` (every
@@ -47,6 +47,7 @@ from xfusion.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from xfusion.latents import load_latents
 from xfusion.model import XFusionModel
 from xfusion.model.base import load_base_llm, text_weight_hash
+from xfusion.model.dit import load_dit_json_
 from xfusion.tracking import experiment_of, experiment_tags, mark_superseded, start_run
 
 SUPERSEDED = "superseded"  # R/runs/RUN/superseded/<hash>/: the files of earlier recipes
@@ -65,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="R/judges (tiny REPA with model.repa.encoder: judge_clip)")
     p.add_argument("--align-encoder", type=Path, default=None,
                    help="R/align_encoder (tiny REPA with model.repa.encoder: align_encoder)")
+    p.add_argument("--dit", type=Path, default=None,
+                   help="R/dit/<name>/dit_model.json (x_fuse_dit: its vision tower's DiT)")
     p.add_argument("--experiment", default=None,
                    help="MLflow experiment (default: the first config experiment with this run)")
     p.add_argument("--out", required=True, type=Path, help="R/runs/RUN")
@@ -276,6 +279,11 @@ def train(args: argparse.Namespace) -> dict:
         raise SystemExit(f"{args.base_lm}: the weights at {base_ref['path']} do not hash to its "
                          "text_weight_hash; rerun python -m xfusion.pretrain_lm")
     model = XFusionModel.from_base(cfg, llm, tokenizer, base_ref=base_ref)
+    if VARIANTS[cfg.model.architecture].dit:  # the vision tower starts as a pretrained DiT's
+        if args.dit is None:
+            raise SystemExit(f"run {cfg.name} ({cfg.model.architecture}) needs --dit "
+                             "R/dit/<name>/dit_model.json (python -m xfusion.pretrain_dit)")
+        print(f"loaded {load_dit_json_(model, args.dit)} DiT blocks from {args.dit}")
 
     # Data: stored latents + captions (+ REPA targets), mixed T2I/I2T by step.
     latents, ids = load_latents(args.latents)

@@ -90,3 +90,30 @@ if uses_align_encoder():
             bench("align_encoder")
         shell:
             "{params.py} -m xfusion.align_encoder --config {params.config} --scenes {input.scenes} --out {output} > {log} 2>&1"
+
+
+rule dit:
+    """x_fuse_dit's vision tower: pretrain the tiny text-to-image MMDiT on the world's latents and
+    captions (the stand-in for the paper's in-house DiT), or name a pretrained one (paper)."""
+    input:
+        tokenizer=f"{R}/tokenizer",
+        latents=f"{R}/latents/train.safetensors",
+        captions=f"{R}/captions/train.jsonl",
+    output:
+        f"{R}/dit/{{dit}}/dit_model.json",
+    params:
+        py=PY,
+        config=CONFIG,
+        run=lambda wc: DIT_RUN[wc.dit],
+        out=lambda wc: f"{R}/dit/{wc.dit}",
+        recipe=lambda wc: recipe("dit", DIT_RUN[wc.dit]),
+    conda:
+        CONDA_ENV
+    log:
+        log("dit", "{dit}"),
+    benchmark:
+        bench("dit", "{dit}")
+    # One thread, as base_lm: the pretraining pins its own (xfusion.pretrain_lm.pin_numerics).
+    threads: 1
+    shell:
+        "{params.py} -m xfusion.pretrain_dit --config {params.config} --run {params.run} --tokenizer {input.tokenizer} --latents {input.latents} --captions {input.captions} --out {params.out} > {log} 2>&1"

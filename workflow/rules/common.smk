@@ -29,7 +29,7 @@ from eval.findings import tables_read
 from xfusion import config_check
 from xfusion.config import ALIGN_ENCODER, JUDGE_NAMES, SCORECARD, ConfigError, config_schema
 from xfusion.config import experiment_recipe, experiments_from_dict, load_yaml, recipe_hash
-from xfusion.config import run_from_dict
+from xfusion.config import VARIANTS, run_from_dict
 from xfusion.shards import n_shards, shard_name
 from xfusion.io import atomic_write_text
 
@@ -112,6 +112,24 @@ BASES = sorted({base_of(run) for run in RUNS})
 BASE_RUN = {base: next(r for r in RUNS if base_of(r) == base) for base in BASES}  # --run for base_lm
 
 
+def dit_of(run):
+    """The pretrained DiT of an x_fuse_dit run (rule dit), else None."""
+    model = RUNS[run].model
+    return model.dit.name if VARIANTS[model.architecture].dit else None
+
+
+DITS = sorted({dit_of(run) for run in RUNS} - {None})
+DIT_RUN = {dit: next(r for r in RUNS if dit_of(r) == dit) for dit in DITS}  # --run for dit
+
+
+def dit_input(run):
+    return [f"{R}/dit/{dit_of(run)}/dit_model.json"] if dit_of(run) else []
+
+
+def dit_flag(run):
+    return f"--dit {dit_input(run)[0]}" if dit_of(run) else ""
+
+
 def world_source():
     """The tiny world's generator writes the data (and scene records): data.source == world."""
     return config["data"]["source"] == "world"
@@ -142,6 +160,7 @@ def alternation(names):
 wildcard_constraints:
     run=alternation(RUNS),
     base=alternation(BASES),
+    dit=alternation(DITS),
     experiment=alternation(EXPERIMENTS),
     step=r"\d+",
     split="|".join(SPLITS),
@@ -370,10 +389,26 @@ def scorecard_flags(wildcards, input):
     return " ".join(f"{e}={input[e]}" for e in scorecard_tables(wildcards))
 
 
+def figure7_runs():
+    """X-Fusion Fig. 7's columns, label -> run: the first x_fuse_dit run and vanilla X-Fusion (an
+    x_fuse run of an experiment declaring both, figure8); {} where there is none."""
+    for exp in EXPERIMENTS.values():
+        dit = [r for r in exp.runs if dit_of(r)]
+        vanilla = [r for r in exp.runs if RUNS[r].model.architecture == "x_fuse"]
+        if dit and vanilla:
+            return {"X-Fusion (Pretrained DiT)": dit[0], "X-Fusion": vanilla[0]}
+    return {}
+
+
+FIGURE7 = figure7_runs()
+
+
 def final_targets():
     """Every table and figure of the scale, the findings scorecard, and the copies
     results/<experiment>.csv (results/findings.csv)."""
     names = [*EXPERIMENTS, SCORECARD]
     tables = [table_path(e) for e in names]
     figures = [figure_path(e, ext) for e in [*FIGURES, SCORECARD] for ext in ("png", "pdf")]
+    if FIGURE7:
+        figures += [figure_path("figure7", ext) for ext in ("png", "pdf")]
     return tables + figures + [f"results/{e}.csv" for e in names]

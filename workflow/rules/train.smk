@@ -12,6 +12,7 @@ rule train_run:
     input:
         lambda wc: judges_input(repa_encoder(wc.run)),
         lambda wc: align_encoder_input(repa_encoder(wc.run)),
+        lambda wc: dit_input(wc.run),
         base_lm=lambda wc: f"{R}/base_lm/{base_of(wc.run)}/base_model.json",
         latents=f"{R}/latents/train.safetensors",
         captions=f"{R}/captions/train.jsonl",
@@ -23,6 +24,7 @@ rule train_run:
         launch=lambda wc, resources: srun_launcher(resources),
         judges=lambda wc: judges_flag(repa_encoder(wc.run)),
         align_encoder=lambda wc: align_encoder_flag(repa_encoder(wc.run)),
+        dit=lambda wc: dit_flag(wc.run),
         out=lambda wc: f"{R}/runs/{wc.run}",
         recipe=lambda wc: recipe("train_run", wc.run),
         # Left out of the recipe (it changes no weight at a step), but it decides which step
@@ -43,4 +45,4 @@ rule train_run:
     benchmark:
         bench("train_run", "{run}")
     shell:
-        "{params.launch} {params.py} -m xfusion.train --config {params.config} --run {wildcards.run} --base-lm {input.base_lm} --latents {input.latents} --captions {input.captions} {params.judges} {params.align_encoder} --out {params.out} > {log} 2>&1"
+        "{params.launch} {params.py} -m xfusion.train --config {params.config} --run {wildcards.run} --base-lm {input.base_lm} --latents {input.latents} --captions {input.captions} {params.judges} {params.align_encoder} {params.dit} --out {params.out} > {log} 2>&1"

@@ -16,12 +16,14 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (LlamaDecoderLayer, eager_attention_forward,
                                                       rotate_half)
 
 from xfusion.config import VARIANTS, ModelConfig
+from xfusion.model.dit import VisionBlock, dit_shape, layer_map, orthonormal
 
 TXT, IMG = "txt", "img"
 
@@ -94,6 +96,7 @@ class Context:
     mask: torch.Tensor | None  # (B, 1, L, L_past + L); None = plain causal, HF's own call
     cache: KVCache | None = None
     packed_masks: dict = field(default_factory=dict)  # route id -> its packed rows of `mask`
+    temb: torch.Tensor | None = None  # (B, d_v) x_fuse_dit's timestep conditioning per row
 
     def packed_mask(self, route: Route) -> torch.Tensor:
         """(B, 1, width, L_past + L): the mask rows of a route's queries packed per row, built
@@ -342,6 +345,87 @@ class XFuse(DualTower):
                          + self.beta[i] * pick(outs[other][1], outs[other][0], r))
                 parts.append((r, mixed))
         return scatter(ctx, parts)
+
+
+class XFuseDiT(Block):
+    """Sec. 7.2 "X-Fusion (Pretrained DiT)": the vision tower is a pretrained MMDiT's image
+    stream of width d_v and depth n_v (xfusion/model/dit.py: layer map, projections, timestep
+    modulation). Text queries: the frozen text layer over every token's keys/values (dual_tower's
+    text half). Image queries, at a layer hosting vision blocks: alpha * h_vision + beta *
+    h_text (X-Fuse, alpha = 1, beta = 0 at init), where h_vision = h + up(DiT blocks(down h) -
+    down h); at a layer hosting none, image tokens pass unchanged."""
+
+    def __init__(self, text_layer: LlamaDecoderLayer, index: int, cfg: ModelConfig):
+        super().__init__(text_layer, index, cfg)
+        llama = text_layer.self_attn.config
+        shape = dit_shape(cfg.dit)
+        self.vision = nn.ModuleList(
+            VisionBlock(shape)
+            for _ in layer_map(llama.num_hidden_layers, shape.num_layers)[index])
+        if len(self.vision):
+            d_t, d_v = llama.hidden_size, shape.num_attention_heads * shape.attention_head_dim
+            q = orthonormal(d_t, d_v)  # (d_t, d_v), the same at every layer
+            self.down, self.up = nn.Linear(d_t, d_v, bias=False), nn.Linear(d_v, d_t, bias=False)
+            self.text_kv = nn.Linear(d_t, d_v, bias=False)  # text tokens into the DiT's attention
+            with torch.no_grad():
+                self.down.weight.copy_(q.T), self.text_kv.weight.copy_(q.T), self.up.weight.copy_(q)
+            self.alpha = nn.Parameter(torch.ones(1))  # image queries: own tower
+            self.beta = nn.Parameter(torch.zeros(1))  # image queries: the text tower
+
+    def forward(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
+        T, img = self.text, ctx.routes[IMG]
+        fuse = bool(len(self.vision)) and img.n > 0
+        parts = []
+        res = attend(h, ctx, self.index, "text", {TXT: T, IMG: T} if fuse else {TXT: T},
+                     {TXT: T, IMG: T})
+        if res is not None:
+            route, a = res
+            text_out = finish(gather(h, route), a, T, T)
+            if ctx.routes[TXT].n:
+                parts.append((ctx.routes[TXT], pick(text_out, route, ctx.routes[TXT])))
+        vision = self._vision(h, ctx) if len(self.vision) else None
+        if fuse:
+            parts.append((img, self.alpha * vision + self.beta * pick(text_out, route, img)))
+        elif img.n:
+            parts.append((img, gather(h, img)))  # no vision block here: unchanged
+        return scatter(ctx, parts)
+
+    def _vision(self, h: torch.Tensor, ctx: Context) -> torch.Tensor | None:
+        """(n_img, d_t) h_vision of the image tokens; extends the cache with every block's
+        keys/values (text ones too, for later image queries); None without image queries."""
+        img, txt = ctx.routes[IMG], ctx.routes[TXT]
+        if not img.n and (ctx.cache is None or ctx.cache.frozen):
+            return None
+        if img.n and ctx.temb is None:
+            raise ValueError("x_fuse_dit: image tokens need their timesteps (forward_chunk's t)")
+        x_txt = self.text_kv(gather(h, txt)) if txt.n else None  # (n_txt, d_v)
+        x0 = self.down(gather(h, img)) if img.n else None  # (n_img, d_v)
+        temb = ctx.temb[img.rows] if img.n else None  # (n_img, d_v): each token's row
+        x = x0
+        for j, block in enumerate(self.vision):
+            mod = block.modulation(temb) if img.n else None
+            kv, q = None, None
+            for m, x_m in ((TXT, x_txt), (IMG, x)):
+                if x_m is None:
+                    continue
+                if m == IMG:
+                    q, k, v = block.image_kv(x_m, mod)
+                else:
+                    k, v = block.text_kv(x_m)
+                kv = (k.new_zeros(ctx.B * ctx.L, 2, *k.shape[1:]) if kv is None else kv)
+                kv = kv.index_copy(0, ctx.routes[m].flat, torch.stack([k, v], dim=1))
+            kv = kv.view(ctx.B, ctx.L, *kv.shape[1:]).permute(2, 0, 3, 1, 4)  # (2, B, H, L, hd)
+            k, v = kv[0], kv[1]
+            if ctx.cache is not None:
+                k, v = ctx.cache.extend(self.index, f"vision{j}", k, v)
+            if not img.n:
+                continue
+            q = q.new_zeros(ctx.B, img.width, *q.shape[1:]).index_put((img.rows, img.slots), q)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v,
+                                                 attn_mask=ctx.packed_mask(img))  # (B, H, w, hd)
+            out = out.transpose(1, 2)[img.rows, img.slots].reshape(img.n, -1)  # (n_img, d_v)
+            x = block.finish(x, out, mod)
+        return None if x is None else gather(h, img) + self.up(x - x0)
 
 
 # Architecture name -> block class, from the registry (xfusion.config.VARIANTS names the classes).

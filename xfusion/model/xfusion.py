@@ -27,6 +27,7 @@ from xfusion.config import RECIPE_FILE, VARIANTS, RunConfig, preserves_text, rec
 from xfusion.config import run_from_json
 from xfusion.io import atomic_dir
 from xfusion.model.base import load_base_llm, text_weight_hash
+from xfusion.model.dit import DiTTimeEmbedding, dit_shape
 from xfusion.model.image_io import ImageIO
 from xfusion.model.mask import attention_mask, position_ids
 from xfusion.model.repa import RepaHead
@@ -78,6 +79,9 @@ class XFusionModel(nn.Module):
                                 cfg.model.image_pos_embed)
         self.repa = (RepaHead(cfg.model.repa, llm.config.hidden_size, len(self.blocks))
                      if cfg.model.repa.enabled else None)
+        # x_fuse_dit: the DiT's timestep conditioning of its vision blocks (xfusion/model/dit.py)
+        self.vision_time = (DiTTimeEmbedding(dit_shape(cfg.model.dit))
+                            if VARIANTS[cfg.model.architecture].dit else None)
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -143,7 +147,7 @@ class XFusionModel(nn.Module):
             e = e.view(B, L, D)
         return e
 
-    def _context(self, embeds, image_mask, positions, mask, cache=None) -> Context:
+    def _context(self, embeds, image_mask, positions, mask, cache=None, t=None) -> Context:
         B, L, _ = embeds.shape
         cos, sin = self.llm.model.rotary_emb(embeds, positions)  # (B or 1, L, hd)
         hd = cos.shape[-1]
@@ -151,8 +155,10 @@ class XFusionModel(nn.Module):
         routes = {TXT: Route.select(~image_mask), IMG: Route.select(image_mask),
                   "all": Route.select(torch.ones_like(image_mask))}
         routes = {k: r.to(embeds.device) for k, r in routes.items()}
+        temb = (self.vision_time(t.to(embeds.device))
+                if self.vision_time is not None and t is not None else None)  # (B, d_v)
         return Context(B, L, routes, cos.expand(B, L, hd).reshape(B * L, hd),
-                       sin.expand(B, L, hd).reshape(B * L, hd), mask, cache)
+                       sin.expand(B, L, hd).reshape(B * L, hd), mask, cache, temb=temb)
 
     def _layers(self, h: torch.Tensor, ctx: Context, capture=()):
         """Every block; returns the last hidden states and {layer (1-based): (B, L, D)}."""
@@ -168,8 +174,10 @@ class XFusionModel(nn.Module):
         return h, captured
 
     def forward_chunk(self, embeds: torch.Tensor, image_mask: torch.Tensor, span_ids: torch.Tensor,
-                      valid: torch.Tensor, cache: KVCache | None = None, capture=()):
-        """Hidden states (B, L, D) of a chunk of tokens following those in `cache` (if any)."""
+                      valid: torch.Tensor, cache: KVCache | None = None, capture=(),
+                      t: torch.Tensor | None = None):
+        """Hidden states (B, L, D) of a chunk of tokens following those in `cache` (if any).
+        `t` (B,): each row's image time, read by x_fuse_dit's timestep modulation only."""
         if cache is not None and cache.length:
             span_ids = torch.cat([cache.span_ids, span_ids], dim=1)
             valid = torch.cat([cache.valid, valid], dim=1)
@@ -179,7 +187,7 @@ class XFusionModel(nn.Module):
             mask = torch.zeros(mask.shape, dtype=embeds.dtype, device=mask.device).masked_fill(
                 ~mask, torch.finfo(embeds.dtype).min)
         positions = position_ids(valid)[:, -L:]
-        ctx = self._context(embeds, image_mask, positions, mask, cache)
+        ctx = self._context(embeds, image_mask, positions, mask, cache, t)
         out = self._layers(embeds, ctx, capture)
         if cache is not None and not cache.frozen:
             cache.span_ids, cache.valid = span_ids, valid
@@ -189,7 +197,7 @@ class XFusionModel(nn.Module):
         tokens = self.image_io.encode(batch.noisy_latents, batch.t)  # (B, P, D)
         embeds = self.embed(batch.input_ids, batch.image_mask, tokens)
         return self.forward_chunk(embeds, batch.image_mask, batch.span_ids, batch.valid,
-                                  capture=capture)
+                                  capture=capture, t=batch.t)
 
     def text_head(self, h: torch.Tensor) -> torch.Tensor:
         """Text side of the output: the LLM's final norm + lm_head, (..., D) -> (..., V)."""
