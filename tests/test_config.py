@@ -170,7 +170,7 @@ def test_train_recipe_is_stable_and_leaves_out_cosmetic_keys():
 
 def test_each_evaluation_hash_changes_with_exactly_what_it_reads():
     assert _changed({"evaluation.cfg_scale": 3.0}) == {"sample_t2i", "fid", "clip_score",
-                                                       "geneval"}
+                                                       "geneval", "finetune_eval"}
     assert _changed({"evaluation.top_p": 0.9}) == {"sample_i2t", "itm", "caption_attributes"}
     assert _changed({"evaluation.probe_epochs": 3}) == {"linear_probe"}
     # the probe's images are read by the probe_data rule alone, not by the data stage that reads
@@ -182,7 +182,7 @@ def test_each_evaluation_hash_changes_with_exactly_what_it_reads():
     assert _changed({"evaluation.fid_extractor": "inception-v3-compat"}) == {"fid"}
     # the judges' recipe reaches every job that loads a judge, and no other
     assert _changed({"evaluation.judge_width": 32}) == {"judges", "fid", "clip_score", "itm",
-                                                        "caption_metrics"}
+                                                        "caption_metrics", "finetune_eval"}
     hub = {"evaluation.itm_model": "Salesforce/blip2-itm-vit-g"}  # a pretrained ITM model
     assert recipe_hash(_tiny(hub), "itm") == recipe_hash(
         _tiny({**hub, "evaluation.judge_width": 32}), "itm")

@@ -80,7 +80,7 @@ def test_finetuning_trains_the_image_side_and_keeps_text_weights(finetuned):
     done = json.loads((out / "done.json").read_text())
     base = json.loads((init / "base_model.json").read_text())["text_weight_hash"]
     assert done["text_weight_hash"] == base  # frozen text tower: MMLU unchanged
-    cfg = finetune_config(finetuned["cfg"])
+    cfg = finetuned["cfg"]  # the run's own config: the init's training recipe + finetune
     assert done["recipe"] == recipe_hash(cfg, "finetune_run") != recipe_hash(cfg, "train_run")
     log = read_jsonl(out / "train_log.jsonl")
     assert len(log) == 4 and all(r["ar_loss"] > 0 and r["dm_loss"] > 0 for r in log)

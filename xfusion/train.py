@@ -286,12 +286,13 @@ def train(args: argparse.Namespace) -> dict:
     # Setup: config, distributed, seeds, output dir.
     cfg = load_run(args.config, args.run)
     finetuning = args.init is not None
+    job = "finetune_run" if finetuning else "train_run"
+    # Fine-tuning's recipe: the run's own (what its init step dir was trained with) + finetune.
+    recipe, record = recipe_hash(cfg, job), recipe_record(cfg, job)
     if finetuning:  # Supp. B.1: the training section derived from `finetune`
         cfg = finetune_config(cfg)
     t = cfg.training
     out: Path = args.out
-    job = "finetune_run" if finetuning else "train_run"
-    recipe = recipe_hash(cfg, job)
     if ((out / "done.json").is_file() and recorded_recipe(out) == recipe
             and not missing_steps(out, t.eval_steps)):
         print(f"{out}: already trained (done.json exists)")
@@ -300,7 +301,7 @@ def train(args: argparse.Namespace) -> dict:
     seed_everything(t.seed)
     if rank() == 0:  # a run dir holds one recipe: resume never crosses two
         set_aside(out, recipe)
-        atomic_write_json(out / RECIPE_FILE, recipe_record(cfg, job))
+        atomic_write_json(out / RECIPE_FILE, record)
     if world_size() > 1:  # no rank looks for checkpoints before the files are in place
         torch.distributed.barrier()
 
