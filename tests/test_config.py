@@ -210,4 +210,6 @@ def test_repa_with_the_align_encoder_makes_its_recipe_part_of_the_train_recipe()
 
 def test_the_i2t_denoise_loss_switch_is_part_of_the_train_recipe_only():
     assert job_config(resolve_run(TINY, "noise_50"), "train_run")["training.i2t_denoise_loss"]
-    assert _changed({"training.i2t_denoise_loss": False}, run="noise_50") == {"train_run"}
+    # (and of fine-tuning, which starts from the run's weights: xfusion.config, finetune_run)
+    assert _changed({"training.i2t_denoise_loss": False}, run="noise_50") == {"train_run",
+                                                                              "finetune_run"}
