@@ -1,8 +1,8 @@
 """Figure A of the X-Fusion supplement at our scale: per-task metrics before and after fine-tuning
 on the four downstream tasks (Supp. B.1), and a qualitative panel.
 
-    python -m eval.figure_a --before R/finetune/RUN/scores_before.json \
-        --after R/finetune/RUN/scores_after.json --tasks R/tasks/heldout/tasks.jsonl \
+    python -m eval.figure_a --before R/finetune_scores/RUN/before.json \
+        --after R/finetune_scores/RUN/after.json --tasks R/tasks/heldout/tasks.jsonl \
         --csv R/tables/figureA.csv --panel R/figures/figureA.png
 
 CSV: one row per metric (eval.tasks.TASK_METRICS): `metric, task, before, after, change,

@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--classifier", type=Path, help="R/attribute_classifier (world source)")
     p.add_argument("--judges", type=Path, help="R/judges (evaluation.clip_model: judge_clip)")
     p.add_argument("--outputs", required=True, type=Path, help="dir for the output images")
-    p.add_argument("--out", required=True, type=Path, help="R/finetune/RUN/scores_<stage>.json")
+    p.add_argument("--out", required=True, type=Path, help="R/finetune_scores/RUN/<stage>.json")
     args = p.parse_args(argv)
     from eval.attribute_classifier import AttributeClassifier
     from eval.clip_score import load_clip

@@ -54,15 +54,16 @@ if FT_RUN in RUNS:
 
 
     rule finetune_eval:
-        """Per-task scores of the model before or after fine-tuning (python -m eval.tasks)."""
+        """Per-task scores of the model before or after fine-tuning (python -m eval.tasks);
+        outside the fine-tuning run dir, which holds one recipe's files only (xfusion.train)."""
         input:
             lambda wc: judges_input(evaluators(FT_RUN, "clip_model")),
             [ATTRIBUTE_CLASSIFIER] if world_source() else [],
             lambda wc: done(FT_RUN) if wc.stage == "before" else f"{R}/finetune/{FT_RUN}/done.json",
             tasks=f"{R}/tasks/heldout/tasks.jsonl",
         output:
-            scores=f"{R}/finetune/{FT_RUN}/scores_{{stage}}.json",
-            outputs=directory(f"{R}/finetune/{FT_RUN}/outputs_{{stage}}"),
+            scores=f"{R}/finetune_scores/{FT_RUN}/{{stage}}.json",
+            outputs=directory(f"{R}/finetune_scores/{FT_RUN}/outputs_{{stage}}"),
         wildcard_constraints:
             stage="before|after",
         params:
@@ -86,8 +87,8 @@ if FT_RUN in RUNS:
     rule figure_a:
         """Supp. Fig. A at our scale: per-task metrics before/after and a qualitative panel."""
         input:
-            before=f"{R}/finetune/{FT_RUN}/scores_before.json",
-            after=f"{R}/finetune/{FT_RUN}/scores_after.json",
+            before=f"{R}/finetune_scores/{FT_RUN}/before.json",
+            after=f"{R}/finetune_scores/{FT_RUN}/after.json",
             tasks=f"{R}/tasks/heldout/tasks.jsonl",
         output:
             csv=f"{R}/tables/figureA.csv",
