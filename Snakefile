@@ -21,6 +21,7 @@ include: "workflow/rules/sample.smk"
 include: "workflow/rules/eval.smk"
 include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/plots.smk"
+include: "workflow/rules/finetune.smk"
 
 
 report: "workflow/report/workflow.rst"

@@ -172,7 +172,7 @@ def test_train_recipe_is_stable_and_leaves_out_cosmetic_keys():
 
 def test_each_evaluation_hash_changes_with_exactly_what_it_reads():
     assert _changed({"evaluation.cfg_scale": 3.0}) == {"sample_t2i", "fid", "clip_score",
-                                                       "geneval"}
+                                                       "geneval", "finetune_eval"}
     assert _changed({"evaluation.top_p": 0.9}) == {"sample_i2t", "itm", "caption_attributes"}
     assert _changed({"evaluation.probe_epochs": 3}) == {"linear_probe"}
     # the probe's images are read by the probe_data rule alone, not by the data stage that reads
@@ -184,7 +184,7 @@ def test_each_evaluation_hash_changes_with_exactly_what_it_reads():
     assert _changed({"evaluation.fid_extractor": "inception-v3-compat"}) == {"fid"}
     # the judges' recipe reaches every job that loads a judge, and no other
     assert _changed({"evaluation.judge_width": 32}) == {"judges", "fid", "clip_score", "itm",
-                                                        "caption_metrics"}
+                                                        "caption_metrics", "finetune_eval"}
     hub = {"evaluation.itm_model": "Salesforce/blip2-itm-vit-g"}  # a pretrained ITM model
     assert recipe_hash(_tiny(hub), "itm") == recipe_hash(
         _tiny({**hub, "evaluation.judge_width": 32}), "itm")
@@ -212,7 +212,11 @@ def test_repa_with_the_align_encoder_makes_its_recipe_part_of_the_train_recipe()
 
 def test_the_i2t_denoise_loss_switch_is_part_of_the_train_recipe_only():
     assert job_config(resolve_run(TINY, "noise_50"), "train_run")["training.i2t_denoise_loss"]
-    assert _changed({"training.i2t_denoise_loss": False}, run="noise_50") == {"train_run"}
+    # (and of fine-tuning, which starts from the run's weights: xfusion.config, finetune_run)
+    assert _changed({"training.i2t_denoise_loss": False}, run="noise_50") == {"train_run",
+                                                                              "finetune_run"}
+
+
 
 
 def test_the_dit_recipe_is_part_of_the_train_recipe_of_x_fuse_dit_runs_only():

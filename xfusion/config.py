@@ -401,6 +401,28 @@ class EvaluationConfig:
     attr_augment_blur: float = 0.5  # share of training images softened by a 3x3 box blur
 
 
+FINETUNE_TASKS = ("editing", "localisation", "painting", "vqa")  # xfusion.data.tasks.TASKS
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Supp. B.1: a trained run fine-tuned on four downstream tasks at once (xfusion.data.tasks),
+    through xfusion.train with a `training` section derived from this one (`finetune_run`)."""
+
+    run: str = "dual_tower"  # the trained run (of config.experiments) to start from
+    step: int | None = None  # its step dir to start from; None: its last training.eval_steps
+    steps: int = 200  # fine-tuning steps (the paper: 20k)
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    batch_size: int = 16  # task examples per step (an I2I example holds two images)
+    # share of each task in a batch, normalised; a task missing from the mapping gets none
+    task_ratios: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in FINETUNE_TASKS})
+    # Paper scale: user task folders (<dir>/{train,heldout}/tasks.jsonl, docs/INTERFACES.md);
+    # None: made from the tiny world's scene records.
+    task_dir: str | None = None
+    n_eval: int = 32  # held-out examples per task scored before and after (figureA)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one trained variant needs: the base recipe with a run's overrides applied."""
@@ -413,6 +435,7 @@ class RunConfig:
     data: DataConfig
     training: TrainingConfig
     evaluation: EvaluationConfig
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -469,6 +492,7 @@ SECTIONS = {
     "data": DataConfig,
     "training": TrainingConfig,
     "evaluation": EvaluationConfig,
+    "finetune": FinetuneConfig,
 }
 
 
@@ -585,6 +609,13 @@ def validate(run: RunConfig) -> RunConfig:
            micro,
            f"must be null/0 (no accumulation) or in [1, training.tokens_per_batch = "
            f"{t.tokens_per_batch}]")
+    f = run.finetune
+    _check(f.steps > 0 and f.lr > 0 and f.batch_size > 0 and f.n_eval > 0, "finetune",
+           dataclasses.asdict(f), "steps, lr, batch_size and n_eval must be > 0")
+    _check(set(f.task_ratios) <= set(FINETUNE_TASKS) and all(
+        _finite(v) and v >= 0 for v in f.task_ratios.values()) and sum(f.task_ratios.values()) > 0,
+        "finetune.task_ratios", f.task_ratios,
+        f"must map tasks of {', '.join(FINETUNE_TASKS)} to shares >= 0, not all 0")
     _check(e.itm_backend in ITM_BACKENDS, "evaluation.itm_backend", e.itm_backend,
            f"must be one of {', '.join(ITM_BACKENDS)}")
     _check(e.sample_steps > 0, "evaluation.sample_steps", e.sample_steps, "must be > 0")
@@ -902,6 +933,16 @@ READS = {
                          "data.encode_batch_size", "model.codec")),
     "linear_probe": Reads(("seed", "data.max_caption_tokens", "evaluation.sample_batch_size",
                            "evaluation.probe_*")),
+    # Supp. B.1 fine-tuning: the task data, the run (the trained run it starts from has its own
+    # recipe: the rule takes that run's done.json), the per-task scores before and after.
+    "tasks": Reads(("seed", "data.image_size", "finetune.task_dir")),
+    "finetune_run": Reads(("model", "data", "training", "finetune"),
+                          skip=("model.repa.align", "finetune.n_eval")),
+    "finetune_eval": Reads((*_SAMPLING, "evaluation.sample_steps", "evaluation.cfg_scale",
+                            "evaluation.sample_shift", "evaluation.caption_max_tokens",
+                            "finetune.n_eval", "evaluation.clip_model"),
+                           after=("attribute_classifier",),
+                           evaluators=lambda c: (c.evaluation.clip_model,)),
     "caption_metrics": Reads(("data", "evaluation.n_samples", "evaluation.bertscore_*",
                               "evaluation.clip_model", "evaluation.itm_model"),
                              evaluators=lambda c: (c.evaluation.clip_model, c.evaluation.itm_model,
@@ -980,10 +1021,21 @@ def train_recipe(cfg: RunConfig) -> str:
 RECIPE_FILE = "recipe.json"  # in a run dir and in each of its step model dirs
 
 
-def recipe_record(cfg: RunConfig) -> dict[str, Any]:
-    """What RECIPE_FILE holds: the train recipe hash and the values it covers, so that a diff of
-    two records says what changed between two recipes."""
-    return {"recipe": train_recipe(cfg), "config": job_config(cfg, "train_run")}
+def finetune_config(cfg: RunConfig) -> RunConfig:
+    """The run fine-tuned on the downstream tasks (Supp. B.1): `training` takes the finetune
+    section's steps, lr and warm-up, with one eval step at the end; the rest is the run's."""
+    f = cfg.finetune
+    training = dataclasses.replace(cfg.training, steps=f.steps, lr=f.lr,
+                                   warmup_steps=f.warmup_steps, eval_steps=(f.steps,),
+                                   checkpoint_every=min(cfg.training.checkpoint_every, f.steps))
+    return validate(dataclasses.replace(cfg, training=training))
+
+
+def recipe_record(cfg: RunConfig, job: str = "train_run") -> dict[str, Any]:
+    """What RECIPE_FILE holds: the train recipe hash (`job`: train_run, or finetune_run for a
+    fine-tuning run) and the values it covers, so that a diff of two records says what changed
+    between two recipes."""
+    return {"recipe": recipe_hash(cfg, job), "config": job_config(cfg, job)}
 
 
 def experiment_recipe(exp: Experiment) -> str:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from xfusion.config import EvaluationConfig, load_run
 from xfusion.data import BadInputs, captioned_records, records_by_id, report_path, save_png
 from xfusion.io import atomic_path, atomic_write_jsonl, read_jsonl
-from xfusion.model.sequence import encode_captions, prompt_tokens
+from xfusion.model.sequence import encode_captions, i2i_prefix, prompt_tokens
 from xfusion.model.towers import KVCache
 from xfusion.model.xfusion import XFusionModel
 from xfusion.tracking import RUN_ID_FILE, log_image
@@ -55,28 +55,52 @@ def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, tor
     return ids.to(device), valid.to(device)
 
 
+def image_slots(rows: list[list[int]], offset: int, P: int, L: int, device) -> torch.Tensor:
+    """(B, L) bool: the P slots starting `offset` tokens into each left-padded row of length L."""
+    mask = torch.zeros(len(rows), L, dtype=torch.bool)
+    for b, row in enumerate(rows):
+        start = L - len(row) + offset
+        mask[b, start:start + P] = True
+    return mask.to(device)
+
+
 @torch.no_grad()
 def generate_images(model: XFusionModel, prompt_ids: list[list[int]], steps: int, cfg_scale: float,
                     generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
-                    shift: float | None = None, kv_cache: bool = True) -> torch.Tensor:
+                    shift: float | None = None, kv_cache: bool = True,
+                    sources: torch.Tensor | None = None) -> torch.Tensor:
     """Latents (B, C, h, w) for B prompts. Initial noise: `noise`, else drawn (on the CPU) from
     `generator`; `shift`: the scheduler's (default `evaluation.sample_shift`). `kv_cache=False`
-    recomputes the prompt at every step (the reference the cache is tested against)."""
+    recomputes the prompt at every step (the reference the cache is tested against).
+    `sources` (B, C, h, w): image-conditioned generation (the I2I layout of
+    xfusion.model.sequence: editing, painting): each prompt is the instruction for its clean
+    source image, which sits in the cached prefix; the unconditional branch drops the
+    instruction and keeps the source."""
     device, ids = model.device, model.ids
     C, h, w = latent_shape(model)
+    P = (h // model.cfg.model.patch_size) * (w // model.cfg.model.patch_size)
     guided = cfg_scale != 1.0
-    rows = [prompt_tokens("t2i", p, ids)[0] for p in prompt_ids]  # [bos] caption [BOI]
-    if guided:  # the unconditional branch: the dropped caption of training
-        rows += [prompt_tokens("t2i", p, ids, drop_caption=True)[0] for p in prompt_ids]
+    branches = (False, True) if guided else (False,)  # conditional, then the dropped prompt
+    if sources is None:  # [bos] caption [BOI]
+        rows = [prompt_tokens("t2i", p, ids, drop_caption=d)[0] for d in branches
+                for p in prompt_ids]
+    else:  # [bos] [BOI] SRC*P [EOI] instruction [BOI]
+        built = [i2i_prefix(p, ids, P, drop_instruction=d) for d in branches for p in prompt_ids]
+        rows, offset = [row for row, _ in built], built[0][1]
     prefix, prefix_valid = left_pad(rows, ids.pad, device)
-    text = torch.zeros_like(prefix, dtype=torch.bool)
-    prefix_embeds = model.embed(prefix, image_mask=text)  # BOI takes its learned embedding
-    n, P = prefix.shape[0], (h // model.cfg.model.patch_size) * (w // model.cfg.model.patch_size)
-    image = torch.ones(n, P, dtype=torch.bool, device=device)  # image mask = validity = span 1
+    source = (image_slots(rows, offset, P, prefix.shape[1], device) if sources is not None
+              else torch.zeros_like(prefix, dtype=torch.bool))
+    prefix_embeds = model.embed(prefix, image_mask=source)  # BOI/EOI take their learned embeddings
+    if sources is not None:
+        src = sources.to(device=device, dtype=torch.float32)
+        prefix_embeds = model.embed_sources(prefix_embeds, source, torch.cat([src] * len(branches)))
+    n = prefix.shape[0]
+    image = torch.ones(n, P, dtype=torch.bool, device=device)  # image mask = validity
+    span = image.long() * (2 if sources is not None else 1)  # the source, if any, is span 1
     cache = None
     if kv_cache:  # the prompt's keys/values, once
         cache = KVCache()
-        model.forward_chunk(prefix_embeds, text, text.long(), prefix_valid, cache)
+        model.forward_chunk(prefix_embeds, source, source.long(), prefix_valid, cache)
         cache.frozen = True
     x = noise if noise is not None else torch.randn((len(prompt_ids), C, h, w), generator=generator)
     x = x.to(device=device, dtype=torch.float32)
@@ -87,11 +111,11 @@ def generate_images(model: XFusionModel, prompt_ids: list[list[int]], steps: int
         t = scheduler.sigmas[i].expand(n)  # sigma = our t
         tokens = model.image_io.encode(torch.cat([x, x]) if guided else x, t)  # (n, P, D)
         if cache is not None:
-            h_image, _ = model.forward_chunk(tokens, image, image.long(), image, cache, t=t)
+            h_image, _ = model.forward_chunk(tokens, image, span, image, cache, t=t)
         else:
             hidden, _ = model.forward_chunk(torch.cat([prefix_embeds, tokens], 1),
-                                            torch.cat([text, image], 1),
-                                            torch.cat([text, image], 1).long(),
+                                            torch.cat([source, image], 1),
+                                            torch.cat([source.long(), span], 1),
                                             torch.cat([prefix_valid, image], 1), t=t)
             h_image = hidden[:, -P:]
         v = model.velocity(h_image, (h, w), torch.cat([x, x]) if guided else x,
@@ -118,21 +142,23 @@ def choose_token(logits: torch.Tensor, top_p: float | None, generator=None) -> t
 @torch.no_grad()
 def generate_captions(model: XFusionModel, latents: torch.Tensor, max_new_tokens: int,
                       top_p: float | None = None, generator: torch.Generator | None = None,
-                      kv_cache: bool = True) -> list[list[int]]:
-    """Caption token ids (eos excluded) of B clean latents (B, C, h, w)."""
+                      kv_cache: bool = True,
+                      questions: list[list[int]] | None = None) -> list[list[int]]:
+    """Caption token ids (eos excluded) of B clean latents (B, C, h, w); with `questions` (one
+    token list per image: the VQA layout of xfusion.model.sequence), the answers to them."""
     device, ids = model.device, model.ids
     latents = latents.to(device=device, dtype=torch.float32)
     B = latents.shape[0]
     P = model.image_io.encode(latents[:1], torch.zeros(1, device=device)).shape[1]
-    before, after = prompt_tokens("i2t", [], ids)  # [bos] [BOI] | [EOI] [eos]
-    row = before + [ids.pad] * P + after[:1]  # [bos] [BOI] IMG*P [EOI]
-    seq_ids = torch.tensor([row] * B, device=device)
-    image = torch.zeros_like(seq_ids, dtype=torch.bool)
-    image[:, len(before):len(before) + P] = True
+    rows = []  # [bos] [BOI] IMG*P [EOI] (question), left-padded to one length
+    for question in questions or [[]] * B:
+        before, after = prompt_tokens("vqa", [], ids, prompt=question)
+        rows.append(before + [ids.pad] * P + after)
+    seq_ids, valid = left_pad(rows, ids.pad, device)
+    image = image_slots(rows, len(before), P, seq_ids.shape[1], device)
     t = torch.zeros(B, device=device)  # clean
     tokens = model.image_io.encode(latents, t)
     embeds = model.embed(seq_ids, image, tokens)
-    valid = torch.ones_like(image)
     cache = KVCache() if kv_cache else None
     hidden, _ = model.forward_chunk(embeds, image, image.long(), valid, cache, t=t)
     out: list[list[int]] = [[] for _ in range(B)]
@@ -152,7 +178,7 @@ def generate_captions(model: XFusionModel, latents: torch.Tensor, max_new_tokens
             hidden, _ = model.forward_chunk(new, one_text, one_text.long(), ~one_text, cache)
         else:  # the reference: the whole sequence again
             embeds, image = torch.cat([embeds, new], 1), torch.cat([image, one_text], 1)
-            valid = torch.ones_like(image)
+            valid = torch.cat([valid, ~one_text], 1)
             hidden, _ = model.forward_chunk(embeds, image, image.long(), valid, t=t)
     return out
 

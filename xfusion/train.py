@@ -16,6 +16,12 @@ resumed from (none without a checkpoint), so after a kill at any point it ends a
 uninterrupted run's. A non-finite loss stops the run before the update, with the last good
 checkpoint left in place.
 
+Fine-tuning (X-Fusion Supp. B.1): `--init R/runs/RUN/steps/STEP --tasks R/tasks/train/tasks.jsonl`
+(no --base-lm, --latents, --captions: the model dir names its base LLM) starts from a trained
+model dir and trains on the downstream tasks (xfusion.data.task_stream) with the training
+section `finetune_config` derives from `finetune` (steps, lr, warm-up; one step dir at the end).
+The run's recipe is `finetune_run`'s hash; the frozen text weights are checked as in training.
+
 Resume never crosses recipes: a run dir holds the files of one train recipe
 (xfusion.config.train_recipe). Files of another are moved, intact, to
 `superseded/<their hash>/`, their MLflow run is tagged superseded, and training starts from step
@@ -39,9 +45,11 @@ import torch
 from tqdm import tqdm
 
 from xfusion import checkpoint
+from xfusion.codec import build_codec
 from xfusion.config import ALIGN_ENCODER, RECIPE_FILE, VARIANTS, RunConfig, load_run, load_yaml
-from xfusion.config import recipe_record, train_recipe
+from xfusion.config import finetune_config, recipe_hash, recipe_record
 from xfusion.data.mixing import MixedStream, read_captions
+from xfusion.data.task_stream import TaskStream
 from xfusion.engine import Engine, rank, setup_distributed, shutdown_distributed, world_size
 from xfusion.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from xfusion.latents import load_latents
@@ -59,9 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="config/<scale>.yaml")
     p.add_argument("--run", required=True, help="a run of config.experiments")
-    p.add_argument("--base-lm", required=True, type=Path, help="R/base_lm/<name>/base_model.json")
-    p.add_argument("--latents", required=True, type=Path, help="R/latents/train.safetensors")
-    p.add_argument("--captions", required=True, type=Path, help="R/captions/train.jsonl")
+    p.add_argument("--base-lm", type=Path, help="R/base_lm/<name>/base_model.json")
+    p.add_argument("--latents", type=Path, help="R/latents/train.safetensors")
+    p.add_argument("--captions", type=Path, help="R/captions/train.jsonl")
+    p.add_argument("--init", type=Path, default=None,
+                   help="fine-tuning: the trained model dir to start from (R/runs/RUN/steps/STEP)")
+    p.add_argument("--tasks", type=Path, default=None,
+                   help="fine-tuning: R/tasks/train/tasks.jsonl (python -m xfusion.data.tasks)")
     p.add_argument("--judges", type=Path, default=None,
                    help="R/judges (tiny REPA with model.repa.encoder: judge_clip)")
     p.add_argument("--align-encoder", type=Path, default=None,
@@ -71,7 +83,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experiment", default=None,
                    help="MLflow experiment (default: the first config experiment with this run)")
     p.add_argument("--out", required=True, type=Path, help="R/runs/RUN")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    need = ("init", "tasks") if args.init or args.tasks else ("base_lm", "latents", "captions")
+    missing = [f"--{n.replace('_', '-')}" for n in need if getattr(args, n) is None]
+    if missing:
+        p.error(f"{'fine-tuning' if args.init or args.tasks else 'training'} needs "
+                f"{', '.join(missing)}")
+    return args
 
 
 def seed_everything(seed: int) -> None:
@@ -242,6 +260,19 @@ def truncate_log(path: Path, start: int) -> None:
 
 # --- the run ------------------------------------------------------------------------------------
 
+def finetune_model(cfg: RunConfig, init: Path) -> XFusionModel:
+    """The trained model dir `init` on its base LLM, set to train with `cfg` (finetune_config)."""
+    model = XFusionModel.load(init, architecture=cfg.model.architecture)
+    if model.cfg.model != cfg.model:
+        raise SystemExit(f"{init}: its model section differs from run {cfg.name}'s; fine-tune "
+                         "the step dir of the run config.finetune.run names")
+    if cfg.model.repa.enabled:
+        raise SystemExit(f"run {cfg.name}: fine-tuning on the tasks has no REPA targets; "
+                         "fine-tune a run with model.repa.enabled false")
+    model.cfg = cfg  # its loss weights and the recipe its step dir records
+    return model
+
+
 def trained_text_hash(llm: torch.nn.Module, base_hash: str, precision: str) -> str:
     """The hash the frozen text weights must have after training. DeepSpeed's bf16 casts the whole
     module, frozen weights included (mixed-dtype matmuls would fail otherwise): a no-op for a
@@ -257,9 +288,14 @@ def trained_text_hash(llm: torch.nn.Module, base_hash: str, precision: str) -> s
 def train(args: argparse.Namespace) -> dict:
     # Setup: config, distributed, seeds, output dir.
     cfg = load_run(args.config, args.run)
+    finetuning = args.init is not None
+    job = "finetune_run" if finetuning else "train_run"
+    # Fine-tuning's recipe: the run's own (what its init step dir was trained with) + finetune.
+    recipe, record = recipe_hash(cfg, job), recipe_record(cfg, job)
+    if finetuning:  # Supp. B.1: the training section derived from `finetune`
+        cfg = finetune_config(cfg)
     t = cfg.training
     out: Path = args.out
-    recipe = train_recipe(cfg)
     if ((out / "done.json").is_file() and recorded_recipe(out) == recipe
             and not missing_steps(out, t.eval_steps)):
         print(f"{out}: already trained (done.json exists)")
@@ -268,30 +304,39 @@ def train(args: argparse.Namespace) -> dict:
     seed_everything(t.seed)
     if rank() == 0:  # a run dir holds one recipe: resume never crosses two
         set_aside(out, recipe)
-        atomic_write_json(out / RECIPE_FILE, recipe_record(cfg))
+        atomic_write_json(out / RECIPE_FILE, record)
     if world_size() > 1:  # no rank looks for checkpoints before the files are in place
         torch.distributed.barrier()
 
-    # Model: the frozen base LLM wrapped as the variant.
-    base_ref = resolve_base_ref(args.base_lm)
-    llm, tokenizer = load_base_llm(args.base_lm)
-    if text_weight_hash(llm) != base_ref["text_weight_hash"]:
-        raise SystemExit(f"{args.base_lm}: the weights at {base_ref['path']} do not hash to its "
-                         "text_weight_hash; rerun python -m xfusion.pretrain_lm")
-    model = XFusionModel.from_base(cfg, llm, tokenizer, base_ref=base_ref)
-    if VARIANTS[cfg.model.architecture].dit:  # the vision tower starts as a pretrained DiT's
-        if args.dit is None:
-            raise SystemExit(f"run {cfg.name} ({cfg.model.architecture}) needs --dit "
-                             "R/dit/<name>/dit_model.json (python -m xfusion.pretrain_dit)")
-        print(f"loaded {load_dit_json_(model, args.dit)} DiT blocks from {args.dit}")
+    # Model: the frozen base LLM wrapped as the variant (fine-tuning: a trained model dir).
+    if finetuning:
+        model = finetune_model(cfg, args.init)
+        llm, tokenizer, base_ref = model.llm, model.tokenizer, model.base_ref
+    else:
+        base_ref = resolve_base_ref(args.base_lm)
+        llm, tokenizer = load_base_llm(args.base_lm)
+        if text_weight_hash(llm) != base_ref["text_weight_hash"]:
+            raise SystemExit(f"{args.base_lm}: the weights at {base_ref['path']} do not hash to "
+                             "its text_weight_hash; rerun python -m xfusion.pretrain_lm")
+        model = XFusionModel.from_base(cfg, llm, tokenizer, base_ref=base_ref)
+        if VARIANTS[cfg.model.architecture].dit:  # the vision tower starts as a pretrained DiT's
+            if args.dit is None:
+                raise SystemExit(f"run {cfg.name} ({cfg.model.architecture}) needs --dit "
+                                 "R/dit/<name>/dit_model.json (python -m xfusion.pretrain_dit)")
+            print(f"loaded {load_dit_json_(model, args.dit)} DiT blocks from {args.dit}")
 
-    # Data: stored latents + captions (+ REPA targets), mixed T2I/I2T by step.
-    latents, ids = load_latents(args.latents)
-    captions = read_captions(args.captions, ids)
-    feats = (repa_targets(cfg, args.judges, args.captions, ids, tuple(latents.shape[-2:]),
-                          out / "repa_targets.safetensors", args.align_encoder)
-             if cfg.model.repa.enabled else None)
-    stream = MixedStream(latents, captions, tokenizer, cfg, feats, rank(), world_size())
+    # Data: stored latents + captions (+ REPA targets), mixed T2I/I2T by step; fine-tuning:
+    # the task examples mixed by finetune.task_ratios.
+    if finetuning:
+        stream = TaskStream(args.tasks, tokenizer, cfg, build_codec(cfg.model.codec), rank(),
+                            world_size())
+    else:
+        latents, ids = load_latents(args.latents)
+        captions = read_captions(args.captions, ids)
+        feats = (repa_targets(cfg, args.judges, args.captions, ids, tuple(latents.shape[-2:]),
+                              out / "repa_targets.safetensors", args.align_encoder)
+                 if cfg.model.repa.enabled else None)
+        stream = MixedStream(latents, captions, tokenizer, cfg, feats, rank(), world_size())
 
     # Engine: DeepSpeed ZeRO-2 around the model; AdamW over the trainable groups only.
     expected_hash = trained_text_hash(llm, base_ref["text_weight_hash"], t.precision)

@@ -412,3 +412,29 @@ def final_targets():
     if FIGURE7:
         figures += [figure_path("figure7", ext) for ext in ("png", "pdf")]
     return tables + figures + [f"results/{e}.csv" for e in names]
+
+
+# ---- Supp. B.1 fine-tuning (workflow/rules/finetune.smk) ---------------------------------------
+
+FINETUNE = config.get("finetune", {})
+FT_RUN = FINETUNE.get("run", "dual_tower")  # without such a run in config.experiments, no rules
+
+
+def finetune_init():
+    """The step dir fine-tuning starts from: finetune.step, else the run's last eval step."""
+    step = FINETUNE.get("step") or last_step(FT_RUN)
+    return f"{R}/runs/{FT_RUN}/steps/{step}"
+
+
+def task_source():
+    """Where the task data comes from: the world's scene records, or finetune.task_dir."""
+    if FINETUNE.get("task_dir"):
+        return f"--folder {FINETUNE['task_dir']}"
+    return f"--world {R}/world"
+
+
+def task_model(stage):
+    """The model dir scored at `stage`: the trained run's (before) or the fine-tuned one's."""
+    if stage == "before":
+        return finetune_init()
+    return f"{R}/finetune/{FT_RUN}/steps/{RUNS[FT_RUN].finetune.steps}"

@@ -1,9 +1,15 @@
 """Samples and batches: the token layouts of T2I and I2T, noised latents, targets.
 
-Layouts (Transfusion-style, one image per sample; IMG marks the P image-token slots):
+Layouts (Transfusion-style; IMG marks the P image-token slots of the sample's `latents`):
   T2I: [bos] caption [BOI] IMG*P [EOI]          (the caption dropped for CFG: [bos] [BOI] ...)
   I2T: [bos] [BOI] IMG*P [EOI] caption [eos]
-Text targets are the caption tokens (and eos) of I2T samples only. The DM loss covers T2I
+  I2I: [bos] [BOI] SRC*P [EOI] instruction [BOI] IMG*P [EOI]   (editing, in/out-painting: the
+       clean source image's P tokens, t = 0, are context; the instruction dropped for CFG)
+  VQA: [bos] [BOI] IMG*P [EOI] question answer [eos]           (VQA, localisation)
+Text targets are the caption tokens (and eos) of I2T samples and the answer tokens (and eos) of
+VQA samples only. The source image of I2I is its own image span (bidirectional within itself),
+routed to the vision tower like any image, and gets no flow loss: `MultimodalBatch.target_mask`
+marks the one image per row that is denoised (Supp. B.1's fine-tuning tasks, xfusion.data.tasks). The DM loss covers T2I
 images and, with `training.i2t_denoise_loss` (the default), I2T images noised with t > 0: X-Fusion
 Sec. 6.1 says Transfusion limits I2T noise to t <= 50 % "while still [treating] those noisy images
 as generation training data", and that clean I2T images "reduce the amount of denoising data
@@ -23,6 +29,7 @@ import torch
 from xfusion.model.flow import add_noise, velocity_target
 
 IGNORE = -100  # target of positions without a text loss (torch's cross_entropy ignore_index)
+LAYOUTS = ("t2i", "i2t", "i2i", "vqa")
 
 
 @dataclass(frozen=True)
@@ -43,12 +50,15 @@ class SpecialIds:
 
 @dataclass
 class Sample:
-    task: str  # "t2i" | "i2t"
-    caption_ids: list[int]  # caption tokens (a leading bos, as tokenizers add, is dropped)
-    latents: torch.Tensor  # (C, h, w) clean latents
+    task: str  # one of LAYOUTS
+    # caption tokens (a leading bos, as tokenizers add, is dropped); VQA: the answer; I2I: unused
+    caption_ids: list[int]
+    latents: torch.Tensor  # (C, h, w) clean latents (I2I: the target image)
     t: float  # noise level in [0, 1]: 1 = pure noise
-    drop_caption: bool = False  # T2I: train the unconditional branch of CFG
+    drop_caption: bool = False  # T2I / I2I: train the unconditional branch of CFG
     target_feats: torch.Tensor | None = None  # REPA targets: (F,) pooled or (P, F) per token
+    prompt_ids: list[int] | None = None  # I2I: the instruction; VQA: the question
+    source_latents: torch.Tensor | None = None  # I2I: (C, h, w) the clean source image
 
 
 @dataclass
@@ -63,6 +73,15 @@ class MultimodalBatch:
     text_targets: torch.Tensor  # (B, L) long: the next token at I2T caption positions, else IGNORE
     dm_weight: torch.Tensor  # (B,) 1 for T2I images (and noisy I2T ones, see dm_weight), else 0
     target_feats: torch.Tensor | None = None  # (B, F) or (B, P, F)
+    # Batches with I2I samples: (B, C, h, w) clean source latents (zeros in other rows) and
+    # (B, L) bool their slots, a part of image_mask; None in batches without I2I samples.
+    source_latents: torch.Tensor | None = None
+    source_mask: torch.Tensor | None = None
+
+    @property
+    def target_mask(self) -> torch.Tensor:
+        """(B, L) bool: the P slots per row of the image that is denoised (`noisy_latents`)."""
+        return self.image_mask if self.source_mask is None else self.image_mask & ~self.source_mask
 
     def to(self, device) -> "MultimodalBatch":
         return MultimodalBatch(**{f.name: None if getattr(self, f.name) is None
@@ -81,22 +100,53 @@ def caption_tokens(caption_ids: list[int], ids: SpecialIds) -> list[int]:
     return list(caption_ids[1:] if caption_ids[:1] == [ids.bos] else caption_ids)
 
 
-def prompt_tokens(task: str, caption: list[int], ids: SpecialIds, drop_caption: bool = False):
-    """(tokens before the image, tokens after it) of one sample's layout."""
+def prompt_tokens(task: str, caption: list[int], ids: SpecialIds, drop_caption: bool = False,
+                  prompt: list[int] | None = None):
+    """(tokens before the image, tokens after it) of one sample's layout; I2I: `i2i_prefix`
+    first, then these T2I tokens around the target with the prefix in place of [bos]."""
     caption = caption_tokens(caption, ids)
     if task == "t2i":
         return [ids.bos] + ([] if drop_caption else caption) + [ids.boi], [ids.eoi]
     if task == "i2t":
         return [ids.bos, ids.boi], [ids.eoi] + caption + [ids.eos]
-    raise ValueError(f"sample task {task!r}: must be 't2i' or 'i2t'")
+    if task == "vqa":  # caption = the answer (empty at sampling: the prefix ends at the question)
+        question = caption_tokens(prompt or [], ids)
+        return [ids.bos, ids.boi], [ids.eoi] + question + caption + ([ids.eos] if caption else [])
+    raise ValueError(f"sample task {task!r}: must be one of {', '.join(LAYOUTS)}")
+
+
+def i2i_prefix(instruction: list[int], ids: SpecialIds, P: int,
+               drop_instruction: bool = False) -> tuple[list[int], int]:
+    """([bos] [BOI] SRC*P [EOI] instruction [BOI], where the P source slots start): the tokens
+    before an I2I target image; the source slots hold the pad id."""
+    instruction = [] if drop_instruction else caption_tokens(instruction, ids)
+    return [ids.bos, ids.boi] + [ids.pad] * P + [ids.eoi] + instruction + [ids.boi], 2
 
 
 def dm_weight(sample: Sample, i2t_denoise_loss: bool) -> float:
-    """1 where the sample's image is a denoising example: every T2I image, and an I2T image
-    noised with t > 0 when `i2t_denoise_loss` (training.i2t_denoise_loss) is on; else 0."""
-    if sample.task == "t2i":
+    """1 where the sample's image is a denoising example: every T2I and I2I target image, and an
+    I2T (or VQA) image noised with t > 0 when `i2t_denoise_loss` (training.i2t_denoise_loss)
+    is on; else 0."""
+    if sample.task in ("t2i", "i2i"):
         return 1.0
     return float(i2t_denoise_loss and sample.t > 0)
+
+
+def sample_tokens(s: Sample, ids: SpecialIds, P: int) -> tuple[list[int], int, int | None, int]:
+    """(the row with pad ids in image slots, where the target image starts, where the source
+    image starts or None, how many text targets follow the target's [EOI]: the first at [EOI]
+    + the question's length)."""
+    if s.task == "i2i":
+        if s.source_latents is None or not s.prompt_ids and not s.drop_caption:
+            raise ValueError("an i2i sample needs source_latents and prompt_ids (the instruction)")
+        before, source = i2i_prefix(s.prompt_ids or [], ids, P, s.drop_caption)
+        return before + [ids.pad] * P + [ids.eoi], len(before), source, 0
+    if s.task == "vqa" and not caption_tokens(s.caption_ids, ids):
+        raise ValueError("a vqa training sample needs its answer (caption_ids)")
+    drop = s.drop_caption and s.task == "t2i"
+    before, after = prompt_tokens(s.task, s.caption_ids, ids, drop, s.prompt_ids)
+    n_text = len(caption_tokens(s.caption_ids, ids)) + 1 if s.task in ("i2t", "vqa") else 0
+    return before + [ids.pad] * P + after, len(before), None, n_text
 
 
 def build_batch(samples: list[Sample], ids: SpecialIds, patch_size: int,
@@ -110,35 +160,45 @@ def build_batch(samples: list[Sample], ids: SpecialIds, patch_size: int,
         raise ValueError("build_batch: no samples")
     C, h, w = samples[0].latents.shape
     P = (h // patch_size) * (w // patch_size)
-    rows, starts, n_caption = [], [], []
+    layouts = []
     for s in samples:
-        if tuple(s.latents.shape) != (C, h, w):
-            raise ValueError(f"latents of shape {tuple(s.latents.shape)} in a batch of {(C, h, w)}")
-        drop = s.drop_caption and s.task == "t2i"
-        before, after = prompt_tokens(s.task, s.caption_ids, ids, drop)
-        rows.append(before + [ids.pad] * P + after)
-        starts.append(len(before))
-        n_caption.append(len(after) - 1 if s.task == "i2t" else 0)  # caption + eos after [EOI]
-    B, L = len(samples), max(map(len, rows))
+        for name, lat in (("latents", s.latents), ("source_latents", s.source_latents)):
+            if lat is not None and tuple(lat.shape) != (C, h, w):
+                raise ValueError(f"{name} of shape {tuple(lat.shape)} in a batch of {(C, h, w)}")
+        layouts.append(sample_tokens(s, ids, P))
+    B, L = len(samples), max(len(row) for row, *_ in layouts)
     input_ids = torch.full((B, L), ids.pad, dtype=torch.long)
     valid = torch.zeros(B, L, dtype=torch.bool)
     image_mask = torch.zeros(B, L, dtype=torch.bool)
+    span_ids = torch.zeros(B, L, dtype=torch.long)
     text_targets = torch.full((B, L), IGNORE, dtype=torch.long)
-    for b, (row, start, n) in enumerate(zip(rows, starts, n_caption)):
+    has_source = any(source is not None for _, _, source, _ in layouts)
+    source_mask = torch.zeros(B, L, dtype=torch.bool) if has_source else None
+    for b, (row, start, source, n) in enumerate(layouts):
         input_ids[b, :len(row)] = torch.tensor(row)
         valid[b, :len(row)] = True
         image_mask[b, start:start + P] = True
-        eoi = start + P  # the [EOI] position predicts the first caption token
-        text_targets[b, eoi:eoi + n] = input_ids[b, eoi + 1:eoi + 1 + n]
+        span_ids[b, start:start + P] = 1 if source is None else 2  # the source is span 1
+        if source is not None:
+            image_mask[b, source:source + P] = True
+            span_ids[b, source:source + P] = 1
+            source_mask[b, source:source + P] = True
+        first = len(row) - 1 - n  # the position before each text target predicts it
+        text_targets[b, first:first + n] = input_ids[b, first + 1:first + 1 + n]
     x0 = torch.stack([s.latents for s in samples]).float()
     noise = torch.randn(x0.shape, generator=generator) if noise is None else noise.float()
     t = torch.tensor([s.t for s in samples], dtype=torch.float32)
     feats = [s.target_feats for s in samples]
     if any(f is None for f in feats) and not all(f is None for f in feats):
         raise ValueError("target_feats given for some samples of the batch but not all")
+    sources = None
+    if has_source:
+        sources = torch.stack([torch.zeros(C, h, w) if s.source_latents is None
+                               else s.source_latents.float() for s in samples])
     return MultimodalBatch(
-        input_ids=input_ids, image_mask=image_mask, span_ids=image_mask.long(), valid=valid,
+        input_ids=input_ids, image_mask=image_mask, span_ids=span_ids, valid=valid,
         noisy_latents=add_noise(x0, noise, t), t=t, velocity_target=velocity_target(x0, noise),
         text_targets=text_targets,
         dm_weight=torch.tensor([dm_weight(s, i2t_denoise_loss) for s in samples]),
-        target_feats=None if feats[0] is None else torch.stack(feats).float())
+        target_feats=None if feats[0] is None else torch.stack(feats).float(),
+        source_latents=sources, source_mask=source_mask)

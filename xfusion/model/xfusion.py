@@ -147,6 +147,15 @@ class XFusionModel(nn.Module):
             e = e.view(B, L, D)
         return e
 
+    def embed_sources(self, embeds: torch.Tensor, source_mask: torch.Tensor,
+                      source_latents: torch.Tensor) -> torch.Tensor:
+        """`embeds` (B, L, D) with the slots of `source_mask` (B, L), P per row that has any,
+        holding the tokens of those rows' clean `source_latents` (B, C, h, w) at t = 0."""
+        rows = source_mask.any(1)
+        latents = source_latents[rows]
+        tokens = self.image_io.encode(latents, latents.new_zeros(len(latents)))  # (n, P, D)
+        return embeds.masked_scatter(source_mask[..., None], tokens.to(embeds.dtype))
+
     def _context(self, embeds, image_mask, positions, mask, cache=None, t=None) -> Context:
         B, L, _ = embeds.shape
         cos, sin = self.llm.model.rotary_emb(embeds, positions)  # (B or 1, L, hd)
@@ -195,7 +204,9 @@ class XFusionModel(nn.Module):
 
     def _forward_batch(self, batch: MultimodalBatch, capture=()):
         tokens = self.image_io.encode(batch.noisy_latents, batch.t)  # (B, P, D)
-        embeds = self.embed(batch.input_ids, batch.image_mask, tokens)
+        embeds = self.embed(batch.input_ids, batch.target_mask, tokens)
+        if batch.source_mask is not None:  # I2I: the clean source images' tokens (t = 0)
+            embeds = self.embed_sources(embeds, batch.source_mask, batch.source_latents)
         return self.forward_chunk(embeds, batch.image_mask, batch.span_ids, batch.valid,
                                   capture=capture, t=batch.t)
 
@@ -230,7 +241,8 @@ class XFusionModel(nn.Module):
             raise ValueError(f"layers {bad}: the model has layers 1..{len(self.blocks)}")
         _, captured = self._forward_batch(batch, capture=tuple(layers))
         B = batch.input_ids.shape[0]
-        return {l: captured[l][batch.image_mask].view(B, -1, captured[l].shape[-1]) for l in layers}
+        return {l: captured[l][batch.target_mask].view(B, -1, captured[l].shape[-1])
+                for l in layers}
 
     def velocity(self, h_image: torch.Tensor, latent_hw: tuple[int, int], x_t: torch.Tensor,
                  t: torch.Tensor) -> torch.Tensor:
@@ -263,8 +275,10 @@ class XFusionModel(nn.Module):
         has_target = batch.text_targets != IGNORE  # (B, L)
         ar = (F.cross_entropy(self.text_head(h[has_target]).float(), batch.text_targets[has_target])
               if has_target.any() else self._unused_text_head(h))
-        # Flow-matching loss on the images dm_weight marks (T2I; noisy I2T when switched on).
-        v = self.velocity(h[batch.image_mask].view(B, -1, h.shape[-1]),
+        # Flow-matching loss on the images dm_weight marks (T2I, I2I targets; noisy I2T when
+        # switched on); an I2I source image is context only.
+        target = batch.target_mask
+        v = self.velocity(h[target].view(B, -1, h.shape[-1]),
                           tuple(batch.noisy_latents.shape[-2:]), batch.noisy_latents, batch.t)
         mse = (v.float() - batch.velocity_target.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
         dm = (batch.dm_weight * mse).sum() / batch.dm_weight.sum().clamp(min=1.0)
@@ -272,7 +286,7 @@ class XFusionModel(nn.Module):
         if self.repa is not None:
             if batch.target_feats is None:
                 raise ValueError("model.repa.enabled but the batch has no target_feats")
-            hidden = captured[self.repa.layer][batch.image_mask].view(B, -1, h.shape[-1])
+            hidden = captured[self.repa.layer][target].view(B, -1, h.shape[-1])
             repa = self.repa(hidden, batch.target_feats)
         loss = t.lambda_ar * ar + t.lambda_dm * dm
         if self.repa is not None:
