@@ -204,7 +204,8 @@ def test_repa_with_the_align_encoder_makes_its_recipe_part_of_the_train_recipe()
     alignment; the judges' keys no longer rerun REPA training."""
     assert resolve_run(TINY, "size_m_align_on").model.repa.encoder == "align_encoder"
     steps = {"model.repa.align.steps": 7}
-    assert _changed(steps, run="size_m_align_on") == {"align_encoder", "train_run"}
+    # (and of its fine-tuning's, which starts from those weights)
+    assert _changed(steps, run="size_m_align_on") == {"align_encoder", "train_run", "finetune_run"}
     assert "train_run" not in _changed(steps, run="size_m_align_off")
     assert "train_run" not in _changed({"evaluation.judge_width": 32}, run="size_m_align_on")
     assert "seed" in job_config(resolve_run(TINY, "size_m_align_on"), "train_run")
@@ -221,11 +222,13 @@ def test_the_i2t_denoise_loss_switch_is_part_of_the_train_recipe_only():
 
 def test_the_dit_recipe_is_part_of_the_train_recipe_of_x_fuse_dit_runs_only():
     """model.dit is the DiT pretraining's recipe: it reruns that job and the x_fuse_dit runs
-    on it, and no other run (their hashes ignore the section)."""
+    on it (their training, and a fine-tuning that would start from them), and no other run
+    (their hashes ignore the section)."""
     assert resolve_run(TINY, "x_fuse_dit").model.architecture == "x_fuse_dit"
     steps = {"model.dit.pretrain_steps": 7}
-    assert _changed(steps, run="x_fuse_dit") == {"dit", "train_run"}
+    on_dit = {"dit", "train_run", "finetune_run"}
+    assert _changed(steps, run="x_fuse_dit") == on_dit
     assert _changed(steps, run="x_fuse") == {"dit"}
-    assert _changed({"model.dit.tiny.num_layers": 3}, run="x_fuse_dit") == {"dit", "train_run"}
+    assert _changed({"model.dit.tiny.num_layers": 3}, run="x_fuse_dit") == on_dit
     assert not any(k.startswith("model.dit") for k in job_config(resolve_run(TINY, "x_fuse"),
                                                                   "train_run"))

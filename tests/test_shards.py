@@ -244,7 +244,7 @@ def test_a_killed_sharded_caption_run_reruns_only_its_unfinished_shards(tiny_con
                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
     try:
-        deadline = time.time() + 300
+        deadline = time.time() + 600  # a hang guard: world + shard 0 took over 300 s at load 16
         while not (tmp_path / "killed").exists():
             assert run.poll() is None and time.time() < deadline, "shard 1 never started"
             time.sleep(0.5)

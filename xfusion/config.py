@@ -888,6 +888,14 @@ _SHARD_PLAN = ("data.n_train", "data.n_heldout", "evaluation.n_samples",
                "data.captioner.shard_size")
 
 # Job name (the Snakemake rule) -> what it reads (from its entry point's code).
+
+def _trained_from(c: "RunConfig") -> tuple[str, ...]:
+    """The trained models a run's weights start from or align to: the REPA encoder where REPA
+    is on, the pretrained DiT where the variant's vision tower is one (their recipes are then
+    part of the run's, through READS of `align_encoder` and `dit`)."""
+    return (((c.model.repa.encoder,) if c.model.repa.enabled else ())
+            + ((DIT,) if VARIANTS[c.model.architecture].dit else ()))
+
 READS = {
     "world": Reads(("data", "seed")),
     "folder": Reads(("data", "seed")),
@@ -910,9 +918,7 @@ READS = {
     # model.repa.align is the align encoder's recipe: read only through it (REPA runs on it);
     # model.dit likewise the DiT's, read only by x_fuse_dit runs (other runs' hashes ignore it).
     "train_run": Reads(("model", "data", "training"), skip=("model.repa.align", "model.dit"),
-                       evaluators=lambda c: ((c.model.repa.encoder,) if c.model.repa.enabled
-                                             else ()) + ((DIT,) if VARIANTS[
-                                                 c.model.architecture].dit else ())),
+                       evaluators=lambda c: _trained_from(c)),
     "sample_t2i": Reads((*_SAMPLING, "evaluation.sample_steps", "evaluation.cfg_scale",
                          "evaluation.sample_shift")),
     "sample_i2t": Reads((*_SAMPLING, "evaluation.caption_max_tokens", "evaluation.top_p")),
@@ -937,7 +943,8 @@ READS = {
     # recipe: the rule takes that run's done.json), the per-task scores before and after.
     "tasks": Reads(("seed", "data.image_size", "finetune.task_dir")),
     "finetune_run": Reads(("model", "data", "training", "finetune"),
-                          skip=("model.repa.align", "finetune.n_eval")),
+                          skip=("model.repa.align", "model.dit", "finetune.n_eval"),
+                          evaluators=lambda c: _trained_from(c)),
     "finetune_eval": Reads((*_SAMPLING, "evaluation.sample_steps", "evaluation.cfg_scale",
                             "evaluation.sample_shift", "evaluation.caption_max_tokens",
                             "finetune.n_eval", "evaluation.clip_model"),
